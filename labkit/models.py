@@ -1,0 +1,338 @@
+"""Model sources: the one loader, `load_pipeline`, for three kinds of source.
+
+1. ``"shapes"``: our own tiny text-to-image model, trained by labkit and shipped in the package. The
+   only source on which quality numbers mean something (see `labkit.quality`).
+2. ``"twin:NAME"``: a real Stable Diffusion architecture with random weights (configs in
+   ``labkit/twins/NAME.json``). Speed, memory and FLOPs are those of the real model; images are noise.
+3. a hub id or a local folder: plain ``from_pretrained``, for users who have the weights.
+
+Explained in chapter 0 (set-up and baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+
+import torch
+
+TWINS_DIR = Path(__file__).parent / "twins"
+HUB_HOST = "huggingface.co"
+
+# A twin's text encoder keeps the real vocabulary size (so its parameter count is exact), but the
+# tokenizer is ours: byte-level, no merges. A prompt becomes more tokens than with CLIP's BPE, yet
+# every prompt is padded to 77 tokens, so the text encoder does exactly the work of the real one.
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+class SourceError(RuntimeError):
+    """A model source that cannot be loaded here; the message says what to do instead."""
+
+
+def twin_names() -> list[str]:
+    """The architectures available as ``twin:NAME``."""
+    return sorted(p.stem for p in TWINS_DIR.glob("*.json"))
+
+
+def twin_config(name: str) -> dict:
+    """The data file describing twin ``name``: pipeline class, image size, and component configs.
+
+    A file may name another twin in ``"extends"`` and give only what differs (the BK-SDM students).
+    """
+    path = TWINS_DIR / f"{name}.json"
+    if not path.exists():
+        raise SourceError(f"unknown twin {name!r}; choose one of: {', '.join(twin_names())}")
+    config = json.loads(path.read_text())
+    if "extends" in config:
+        parent = twin_config(config.pop("extends"))
+        parent["unet"] = parent["unet"] | config.pop("unet", {})
+        config = parent | config
+    return config
+
+
+def default_device() -> str:
+    """``"cuda"`` when a CUDA GPU is present, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_pipeline(
+    source: str = "shapes",
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+):
+    """Load a diffusers pipeline from ``source``: ``"shapes"``, ``"twin:NAME"``, a folder or a hub id.
+
+    The pipeline is the untouched baseline of diffusers' philosophy: full precision (fp32) unless
+    ``dtype`` says otherwise, diffusers' default attention (PyTorch SDPA), the model's own scheduler.
+    ``seed`` only matters for twins: it draws their random weights. Every optimization is then an
+    explicit step (`labkit.apply`). Chapter 0 explains the three kinds of source.
+    """
+    dtype = _as_dtype(dtype)
+    device = torch.device(device or default_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SourceError(
+            "device='cuda' asked for, but no CUDA GPU is visible: use device='cpu' or leave it unset"
+        )
+    if source == "shapes":
+        pipe = _load_shapes(dtype)
+    elif source.startswith("twin:"):
+        pipe = _build_twin(source.removeprefix("twin:"), dtype, device, seed)
+    else:
+        pipe = _load_pretrained(source, dtype)
+    pipe.to(device)
+    pipe.labkit_source = source
+    # what the model was trained with, so that custom_scheduler can warn about a mismatch
+    pipe.labkit_trained = {
+        key: pipe.scheduler.config.get(key, "epsilon" if key == "prediction_type" else None)
+        for key in ("beta_schedule", "prediction_type")
+    }
+    pipe.labkit_applied = []
+    pipe.labkit_call = {}
+    return pipe
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+    names |= {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def _load_shapes(dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    from labkit.shapes import MODEL_DIR
+
+    if not (Path(MODEL_DIR) / "model_index.json").exists():
+        raise SourceError(
+            f"the embedded 'shapes' model is missing from {MODEL_DIR}. Train it with `labkit train-shapes`, "
+            "or use a twin such as 'twin:sd15' for speed and memory."
+        )
+    return StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=dtype, use_safetensors=True)
+
+
+def _load_pretrained(source: str, dtype: torch.dtype):
+    from diffusers import DiffusionPipeline
+
+    alternatives = (
+        "Offline, use the embedded 'shapes' model or a twin ("
+        + ", ".join(f"'twin:{n}'" for n in twin_names())
+        + ")."
+    )
+    path = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or path.exists() or source.count("/") != 1
+    if looks_local:
+        if not (path / "model_index.json").exists():
+            raise SourceError(
+                f"no diffusers pipeline folder at {path} (it needs a model_index.json). {alternatives}"
+            )
+        return DiffusionPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    try:  # a copy already in the local hub cache works offline
+        return DiffusionPipeline.from_pretrained(
+            source, dtype=dtype, use_safetensors=True, local_files_only=True
+        )
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        raise SourceError(
+            f"{source!r} is not in the local cache and the hub cannot be reached. {alternatives}"
+        )
+    return DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers within ``timeout`` seconds, so an offline load fails fast."""
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@cache
+def _tokenizer_dir() -> str:
+    """Write our byte-level CLIP-format tokenizer once per process and return its folder."""
+    # GPT-2/CLIP's byte-to-character table: printable bytes map to themselves, the rest to 256 + n
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab |= {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
+    vocab |= {_BOS: len(vocab), _EOS: len(vocab) + 1}
+    folder = tempfile.mkdtemp(prefix="labkit-tokenizer-")
+    Path(folder, "vocab.json").write_text(json.dumps(vocab))
+    Path(folder, "merges.txt").write_text("#version: 0.2\n")
+    config = {
+        "model_max_length": 77,
+        "bos_token": _BOS,
+        "eos_token": _EOS,
+        "unk_token": _EOS,
+        "pad_token": _EOS,
+    }
+    Path(folder, "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def twin_tokenizer():
+    """The tokenizer used by every twin (see the note on ``_BOS`` above)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(_tokenizer_dir())
+
+
+def twin_components(name: str, device: str | torch.device = "cpu", seed: int = 0) -> dict:
+    """The models of twin ``name`` with random weights, built on ``device`` ("meta" to count parameters)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = twin_config(name)
+    tokenizer = twin_tokenizer()
+    bos, eos = tokenizer.convert_tokens_to_ids([_BOS, _EOS])
+    text_classes = {
+        "CLIPTextModel": CLIPTextModel,
+        "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+    }
+    torch.manual_seed(seed)
+    # Build directly on the target device: initialising 2.6B random weights on a CPU takes minutes.
+    with torch.device(device):
+        components = {"unet": UNet2DConditionModel(**config["unet"]), "vae": AutoencoderKL(**config["vae"])}
+        for i, spec in enumerate(config["text_encoders"]):
+            spec = dict(spec)
+            text_config = CLIPTextConfig(**spec, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+            components["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = text_classes[
+                spec.pop("class")
+            ](text_config)
+    return components
+
+
+def _build_twin(name: str, dtype: torch.dtype, device: torch.device, seed: int):
+    import diffusers
+
+    config = twin_config(name)
+    components = twin_components(name, device, seed)
+    scheduler_spec = dict(config["scheduler"])
+    # from_config, like from_pretrained, ignores keys a scheduler class does not use (the hub files have some)
+    scheduler = getattr(diffusers, scheduler_spec.pop("class")).from_config(scheduler_spec)
+    tokenizer = twin_tokenizer()
+    if config["pipeline"] == "StableDiffusionXLPipeline":
+        pipe = diffusers.StableDiffusionXLPipeline(
+            **components,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            scheduler=scheduler,
+            add_watermarker=False,
+        )
+    else:
+        pipe = diffusers.StableDiffusionPipeline(
+            **components,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    with quiet_diffusers():
+        return pipe.to(dtype=dtype)
+
+
+@contextmanager
+def quiet_diffusers():
+    """Silence diffusers' info and warning logs (e.g. its note on casting with ``to()``) for a moment."""
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def native_size(pipe) -> int:
+    """The image side in pixels that the pipeline's UNet was built for (512 for SD 1.5)."""
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def is_twin(pipe) -> bool:
+    """Whether ``pipe`` has random weights (its images are noise)."""
+    return str(getattr(pipe, "labkit_source", "")).startswith("twin:")
+
+
+DEFAULT_PROMPT = "a small red circle at the top left"
+DEFAULTS = {"steps": 50, "guidance": 7.5, "batch": 1}
+
+
+def call_settings(pipe, *, steps=None, size=None, batch=None, guidance=None) -> dict:
+    """The settings of one generation: explicit arguments, else those the applied preset or optimizations
+    set (``pipe.labkit_call``), else the defaults (50 steps, guidance 7.5, batch 1, the native size)."""
+    preset = getattr(pipe, "labkit_call", {})
+    given = {"steps": steps, "size": size, "batch": batch, "guidance": guidance}
+    settings = {
+        key: value if value is not None else preset.get(key, DEFAULTS.get(key))
+        for key, value in given.items()
+    }
+    if settings["size"] is None:
+        settings["size"] = native_size(pipe)
+    settings["sdpa_backend"] = preset.get("sdpa_backend")
+    return settings
+
+
+def generate(
+    pipe,
+    prompt: str | list[str] | None = None,
+    *,
+    steps: int | None = None,
+    size: int | None = None,
+    batch: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+):
+    """Generate images with ``pipe``; returns a float array (N, H, W, 3) in [0, 1] (NaN where fp16 overflowed).
+
+    One prompt is repeated ``batch`` times; a list of prompts is one batch. The noise comes from a CPU
+    generator seeded with ``seed``, so the same seed gives the same starting noise on every device.
+    Settings left unset come from `call_settings`. Used by every chapter and by `labkit.benchmark`.
+    """
+    settings = call_settings(pipe, steps=steps, size=size, batch=batch, guidance=guidance)
+    prompts = prompt if isinstance(prompt, list) else [prompt or DEFAULT_PROMPT] * settings["batch"]
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with _sdpa_backend(settings["sdpa_backend"]), torch.inference_mode():
+        output = pipe(
+            prompt=prompts,
+            num_inference_steps=settings["steps"],
+            guidance_scale=settings["guidance"],
+            height=settings["size"],
+            width=settings["size"],
+            generator=generator,
+            output_type="np",
+        )
+    return output.images
+
+
+def _sdpa_backend(name: str | None):
+    """A context that pins PyTorch SDPA to one backend (``torch.nn.attention.sdpa_kernel``), or does nothing."""
+    from contextlib import nullcontext
+
+    if name is None:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    backends |= {"math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    return sdpa_kernel(backends[name])
