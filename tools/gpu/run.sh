@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU jobs of the lab, each one command on the device machine (run from the repository root):
+#
+#   bash tools/gpu/run.sh anchors       DESIGN.md's SD 1.5 anchor table, eager configurations (~6 min on an H100)
+#   bash tools/gpu/run.sh compiled      the torch.compile rows of that table (~8 min: each compiles)
+#   bash tools/gpu/run.sh train-shapes  train the embedded shapes model (labkit.shapes.train)
+#   bash tools/gpu/run.sh lab           execute the chapters with the gpu profile and publish them into book/
+#
+# Before the first device call, here: `bash tools/gpu/wheels.sh` (fills .whl/). The device call then is
+#   run(command="bash tools/gpu/run.sh anchors", carry=[".whl"])
+# Results and logs go to $OUT (the device tool brings them back); copy them into the repository.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+
+# Install the carried wheels into a venv that sees the image's packages, so only the missing ones install.
+python3 -m venv --system-site-packages /tmp/labkit-venv
+/tmp/labkit-venv/bin/python -m pip install -q --no-index --find-links .whl "diffusers==0.42.1" torchao papermill nbval ipykernel
+/tmp/labkit-venv/bin/python -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>/dev/null \
+  || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="/tmp/labkit-venv/bin:$PATH"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python -m labkit.cli doctor | tee "$OUT/doctor.txt"
+
+bench() { python -m labkit.cli bench --model twin:sd15 --size 512 --repeats 5 --out "$OUT/anchors.jsonl" "$@"; }
+
+case "${1:?which job? anchors | compiled | train-shapes | lab}" in
+  anchors)
+    bench --preset baseline
+    bench --apply pndm sdpa --label "fp32, SDPA, PNDM 50"
+    bench --apply ddim fp16 sdpa --label "fp16, SDPA, DDIM 50"
+    bench --preset tier1 --label "fp16, SDPA, DPM-Solver++ 20"
+    bench --apply dpm_solver fp16 sdpa attention_slicing --label "+ attention slicing"
+    bench --apply dpm_solver fp16 sdpa model_cpu_offload --label "model CPU offload"
+    bench --apply dpm_solver fp16 sdpa sequential_cpu_offload --repeats 3 --label "sequential CPU offload"
+    bench --preset tier1 --batch 16 --repeats 3 --label "fp16, SDPA, DPM-Solver++ 20, batch 16"
+    ;;
+  compiled)
+    bench --apply dpm_solver fp16 sdpa torch_compile --label "+ torch.compile default"
+    bench --apply dpm_solver fp16 sdpa torch_compile:mode=reduce-overhead --label "+ torch.compile reduce-overhead"
+    bench --apply dpm_solver fp16 sdpa fuse_qkv channels_last torch_compile:mode=reduce-overhead,vae=true \
+      --label "+ fused QKV, channels_last, compiled UNet and VAE decode"
+    ;;
+  train-shapes)
+    python -m labkit.cli train-shapes --device cuda --out "$OUT/shapes-model" 2>&1 | tee "$OUT/train.log"
+    ;;
+  lab)
+    python -m labkit.cli lab --profile gpu --publish --no-build 2>&1 | tee "$OUT/lab.log"
+    tar -czf "$OUT/book-executed.tar.gz" book/chapters book/results
+    ;;
+  *) echo "unknown job $1" >&2; exit 2 ;;
+esac
+echo "results in $OUT"
