@@ -135,7 +135,7 @@ def _bench(args) -> int:
     from contextlib import nullcontext
 
     import labkit
-    from labkit.measure import append_results, memory_cap, results_table
+    from labkit.measure import append_results, memory_cap, release_memory, results_table
 
     configurations = [(preset, preset) for preset in args.preset]
     if args.apply:
@@ -168,7 +168,9 @@ def _bench(args) -> int:
         records.append(result.record)
         if args.out:
             append_results(args.out, result.record)
+        device = pipe._execution_device
         del pipe
+        release_memory(device)
     print(results_table(records).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(f"\ndevice: {records[0]['device']}; {records[0]['size']} px, batch {records[0]['batch']}")
     if args.out:

@@ -72,6 +72,8 @@ def benchmark(
     it holds the compile time); then ``repeats`` timed calls, each between two CUDA synchronisations.
     Peak memory covers the timed calls. Settings left unset come from the applied preset.
     """
+    if isinstance(prompt, list):  # a list of prompts is the batch
+        batch = len(prompt)
     settings = call_settings(pipe, steps=steps, size=size, batch=batch, guidance=guidance)
     device = pipe._execution_device
     record = {
@@ -97,7 +99,7 @@ def benchmark(
             times.append(seconds)
         memory = _peak_memory(device)
     except torch.OutOfMemoryError as error:
-        _release_memory(device)
+        release_memory(device)
         record |= {"status": "oom", "error": str(error).splitlines()[0]}
         return Result(record)
     per_image = [t / settings["batch"] for t in times]
@@ -177,7 +179,8 @@ def _peak_memory(device) -> dict:
     }
 
 
-def _release_memory(device) -> None:
+def release_memory(device) -> None:
+    """Free what Python and the CUDA caching allocator still hold (between configurations, after an OOM)."""
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -188,6 +191,7 @@ def memory_cap(gigabytes: float, device: str = "cuda"):
     """Pretend the GPU has only ``gigabytes`` of memory (``torch.cuda.set_per_process_memory_fraction``)."""
     if not torch.cuda.is_available():
         raise RuntimeError("memory_cap needs a CUDA GPU")
+    torch.cuda.empty_cache()  # memory cached by earlier work would otherwise count against the cap
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, gigabytes * GB / total), device)
     try:
