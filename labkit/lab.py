@@ -380,6 +380,8 @@ class LabRun:
     executed: list[str] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
     failed: list[str] = dataclasses.field(default_factory=list)
+    removed: list[str] = dataclasses.field(default_factory=list)
+    """Executed chapters removed because their source is gone (only when all chapters run)."""
     interrupted: bool = False
     html: Path | None = None
     """``index.html`` of the built book, when it was built."""
@@ -631,6 +633,11 @@ def run_lab(
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
+    if chapters is None and not run.interrupted:
+        run.removed = _prune(target, sources, manifest)
+        for stem in run.removed:
+            say(f"{stem}: its source is gone from notebooks/, removed from {target}")
+
     if build and not run.interrupted:
         run.build_ok, run.html = build_book(target, strict=strict, quiet=quiet)
         if run.build_ok:
@@ -638,6 +645,21 @@ def run_lab(
         else:
             say(f"book build FAILED (see the messages above); partial HTML: {run.html}")
     return run
+
+
+def _prune(target: Path, sources: Sequence[Path], manifest: dict) -> list[str]:
+    """Remove executed chapters (and their results) whose source no longer exists."""
+    current = {p.stem for p in sources}
+    removed = []
+    for executed in sorted((target / CHAPTERS_DIR).glob("*.ipynb")):
+        if executed.stem not in current:
+            executed.unlink()
+            (target / RESULTS_DIR / f"{executed.stem}.jsonl").unlink(missing_ok=True)
+            manifest["chapters"].pop(executed.stem, None)
+            removed.append(executed.stem)
+    if removed:
+        _write_json_atomic(target / MANIFEST, manifest)
+    return removed
 
 
 def _say(*args: Any) -> None:

@@ -233,6 +233,19 @@ def test_a_missing_executed_chapter_is_run_again(project, monkeypatch, tmp_path)
     assert _run(project, monkeypatch, out=out).executed == ["00_zero"]
 
 
+def test_chapters_whose_source_is_gone_are_removed(project, monkeypatch, tmp_path):
+    out = tmp_path / "mine"
+    _run(project, monkeypatch, out=out)
+    (project / "notebooks" / "01_one.ipynb").unlink()
+    assert _run(project, monkeypatch, out=out, chapters=["0"]).removed == []  # a selection prunes nothing
+    run = _run(project, monkeypatch, out=out)
+    assert run.removed == ["01_one"]
+    assert (
+        not (out / "chapters" / "01_one.ipynb").exists() and not (out / "results" / "01_one.jsonl").exists()
+    )
+    assert list(lab.read_manifest(out)["chapters"]) == ["00_zero"]
+
+
 def test_interruption_keeps_finished_chapters(project, monkeypatch, tmp_path):
     out = tmp_path / "mine"
     (out / "results").mkdir(parents=True)
