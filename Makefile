@@ -27,8 +27,8 @@ lab: setup
 	$(BIN)/labkit lab $(LAB_ARGS)
 
 lint: setup
-	$(BIN)/ruff check labkit tests
-	$(BIN)/ruff format --check labkit tests
+	$(BIN)/ruff check labkit tests notebooks
+	$(BIN)/ruff format --check labkit tests notebooks
 
 unit: setup
 	$(BIN)/python -m pytest -q

@@ -9,9 +9,21 @@ The path every chapter follows::
 
 __version__ = "0.1.0"
 
-from labkit.measure import Result, append_results, benchmark, doctor, environment, load_results, results_table
-from labkit.models import SourceError, generate, load_pipeline, twin_names
-from labkit.tiers import OPTIMIZATIONS, PRESETS, Change, Unavailable, apply
+import logging
+
+# Import-time notices about optional pieces the lab does not use (torchao's CUDA kernels on a CPU-only
+# torch, torchvision-backed image processors) would fill every chapter's output: show errors only.
+for _name in (
+    "torchao",
+    "torch.utils._pytree",
+    "diffusers.quantizers.torchao.torchao_quantizer",
+    "transformers.utils.import_utils",
+):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+from labkit.measure import Result, append_results, benchmark, doctor, environment, load_results, results_table  # noqa: E402 (after the logging set-up)
+from labkit.models import SourceError, generate, load_pipeline, twin_names  # noqa: E402 (after the logging set-up)
+from labkit.tiers import OPTIMIZATIONS, PRESETS, Change, Unavailable, apply  # noqa: E402 (after the logging set-up)
 
 __all__ = [
     "OPTIMIZATIONS",

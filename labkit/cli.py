@@ -12,7 +12,7 @@ import json
 import sys
 import warnings
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from labkit.models import SourceError
 

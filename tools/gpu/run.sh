@@ -47,8 +47,8 @@ case "${1:?which job? anchors | compiled | train-shapes | lab}" in
     python -m labkit.cli train-shapes --device cuda --out "$OUT/shapes-model" 2>&1 | tee "$OUT/train.log"
     ;;
   lab)
-    python -m labkit.cli lab --profile gpu --publish --no-build 2>&1 | tee "$OUT/lab.log"
-    tar -czf "$OUT/book-executed.tar.gz" book/chapters book/results
+    python -m labkit.cli lab --profile gpu --publish --force --no-build 2>&1 | tee "$OUT/lab.log"
+    tar -czf "$OUT/book-executed.tar.gz" book/chapters book/results book/lab-manifest.json
     ;;
   *) echo "unknown job $1" >&2; exit 2 ;;
 esac
