@@ -4,7 +4,8 @@
 #   bash tools/gpu/run.sh anchors       DESIGN.md's SD 1.5 anchor table, eager configurations (~6 min on an H100)
 #   bash tools/gpu/run.sh compiled      the torch.compile rows of that table (~8 min: each compiles)
 #   bash tools/gpu/run.sh train-shapes  train the embedded shapes model (labkit.shapes.train)
-#   bash tools/gpu/run.sh lab           execute the chapters with the gpu profile and publish them into book/
+#   bash tools/gpu/run.sh lab [N ...]   execute chapters N ... (default: all) with the gpu profile, publish into book/
+#                                       (one call runs at most 10 minutes: give a few chapters per call)
 #
 # Before the first device call, here: `bash tools/gpu/wheels.sh` (fills .whl/). The device call then is
 #   run(command="bash tools/gpu/run.sh anchors", carry=[".whl"])
@@ -47,7 +48,8 @@ case "${1:?which job? anchors | compiled | train-shapes | lab}" in
     python -m labkit.cli train-shapes --device cuda --out "$OUT/shapes-model" 2>&1 | tee "$OUT/train.log"
     ;;
   lab)
-    python -m labkit.cli lab --profile gpu --publish --force --no-build 2>&1 | tee "$OUT/lab.log"
+    shift
+    python -m labkit.cli lab --profile gpu --publish --force --no-build ${1:+--chapters "$@"} 2>&1 | tee "$OUT/lab.log"
     tar -czf "$OUT/book-executed.tar.gz" book/chapters book/results book/lab-manifest.json
     ;;
   *) echo "unknown job $1" >&2; exit 2 ;;
