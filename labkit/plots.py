@@ -71,3 +71,152 @@ def image_grid(
     if note:
         fig.text(0.5, 0.01, note, ha="center", fontsize=9, style="italic")
     return fig
+
+
+# ===================================================================================================
+# Tier 2: memory, attention, compilation (chapters 4, 5 and 6)
+# ===================================================================================================
+
+STATUS_COLOURS = {
+    "ok": "#4c9a4c",
+    "oom": "#c0504d",
+    "unavailable": "#b0b0b0",
+    "error": "#e0a030",
+    "nan": "#e0a030",
+}
+"""Cell and bar colours of the Tier 2 figures, by record status."""
+
+
+def _cap_name(cap) -> str:
+    return "no cap" if cap is None else f"{cap:g} GB"
+
+
+def fit_map(records: list[dict], *, title: str | None = None, ax=None):
+    """Which configuration fits under which GPU memory cap, and at which speed (chapter 4).
+
+    One row per configuration, one column per (size, cap); a cell is green when the configuration
+    ran (seconds per image and peak GB written in it; "as under" names the smaller cap it was
+    measured under), red when it ran out of memory, grey when it cannot run on this device. Drawn
+    from `labkit.measure.sweep` records.
+    """
+    labels = list(dict.fromkeys(r["label"] for r in records))
+    columns = list(dict.fromkeys((r.get("size"), r.get("memory_cap_gb")) for r in records))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.9 * max(1, len(columns)) + 3, 0.5 * max(1, len(labels)) + 1.4))
+    if not records:
+        ax.text(0.5, 0.5, "no records to draw", ha="center", va="center")
+        ax.axis("off")
+        return ax.figure
+    cells = {(r["label"], (r.get("size"), r.get("memory_cap_gb"))): r for r in records}
+    for y, label in enumerate(labels):
+        for x, column in enumerate(columns):
+            r = cells.get((label, column))
+            if r is None:
+                continue
+            ax.add_patch(
+                plt.Rectangle(
+                    (x, y), 1, 1, facecolor=STATUS_COLOURS.get(r["status"], "white"), edgecolor="white"
+                )
+            )
+            if r["status"] == "ok":
+                text = f"{r['s_per_image']:.3g} s"
+                if r.get("peak_allocated_gb") is not None:
+                    text += f"\n{r['peak_allocated_gb']:.2g} GB"
+                if r.get("measured_under_gb") not in (None, r.get("memory_cap_gb")):
+                    text += f"\n(as under {r['measured_under_gb']:g} GB)"
+            else:
+                text = {"oom": "out of\nmemory", "unavailable": "unavailable\nhere"}.get(
+                    r["status"], r["status"]
+                )
+            ax.text(x + 0.5, y + 0.5, text, ha="center", va="center", fontsize=8)
+    ax.set_xlim(0, len(columns))
+    ax.set_ylim(len(labels), 0)
+    ax.set_xticks([x + 0.5 for x in range(len(columns))])
+    ax.set_xticklabels([f"{size} px\n{_cap_name(cap)}" for size, cap in columns], fontsize=8)
+    ax.set_yticks([y + 0.5 for y in range(len(labels))])
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title(title or f"which configurations fit, on {records[0].get('device', '?')}")
+    return ax.figure
+
+
+def grouped_bars(
+    records: list[dict], metric: str = "s_per_image", *, by: str = "size", title: str | None = None, ax=None
+):
+    """One group of horizontal bars per configuration, one bar per value of ``by`` (chapters 4-6).
+
+    Records that did not run (out of memory, unavailable, failed) get an empty bar and their status
+    as text, so no configuration disappears from the figure.
+    """
+    labels = list(dict.fromkeys(r["label"] for r in records))
+    groups = list(dict.fromkeys(r.get(by) for r in records))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 0.3 * len(labels) * max(1, len(groups)) + 1.5))
+    height = 0.8 / max(1, len(groups))
+    values = {(r["label"], r.get(by)): r for r in records}
+    top = max([r.get(metric) or 0 for r in records if r["status"] == "ok"] + [0])
+    for g, group in enumerate(groups):
+        ys, widths = [], []
+        for y, label in enumerate(labels):
+            r = values.get((label, group))
+            if r is None:
+                continue
+            value = r.get(metric) if r["status"] == "ok" else None
+            position = y + (g - (len(groups) - 1) / 2) * height
+            ys.append(position)
+            widths.append(value or 0.0)
+            if value is not None:
+                note = f" {value:.3g}"
+            else:
+                note = " not measured" if r["status"] == "ok" else f" {r['status']}"
+            ax.text(value or 0.0, position, note, va="center", fontsize=7)
+        ax.barh(ys, widths, height=height * 0.95, label=f"{by} {group}")
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, top * 1.3 if top else 1)
+    ax.set_xlabel(LABELS.get(metric, metric))
+    if len(groups) > 1:
+        ax.legend(fontsize=8, loc="lower right")
+    device = records[0].get("device", "?") if records else "?"
+    ax.set_title(title or f"{LABELS.get(metric, metric)} on {device}")
+    return ax.figure
+
+
+LABELS.setdefault("attention_share", "share of UNet time spent in attention")
+LABELS.setdefault("attention_s", "seconds in attention per image generation")
+
+
+def break_even(records: list[dict], reference: str, *, images: int | None = None, ax=None):
+    """Total time against the number of images, compile time included, per configuration (chapter 6).
+
+    Each line starts at the configuration's compile time (`labkit.measure.compile_seconds`) and grows
+    by its seconds per image; where a compiled line crosses the ``reference`` line, compiling has paid
+    for itself.
+    """
+    from labkit.measure import break_even_images, compile_seconds
+
+    ran = [r for r in records if r["status"] == "ok"]
+    ref = next((r for r in ran if r["label"] == reference), None)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4.2))
+    if ref is None or not ran:
+        ax.text(0.5, 0.5, "nothing to draw: the reference did not run", ha="center", va="center")
+        ax.axis("off")
+        return ax.figure
+    if images is None:
+        finite = [
+            n for r in ran if r is not ref and (n := break_even_images(ref, r)) not in (None, float("inf"))
+        ]
+        images = int(max(finite, default=10) * 2) + 1
+    n = np.arange(images + 1)
+    for r in ran:
+        start = compile_seconds(r) - (compile_seconds(ref) if r is not ref else 0)
+        ax.plot(n, max(0.0, start) + n * r["s_per_image"], label=r["label"], lw=2.5 if r is ref else 1.5)
+    ax.set_xlabel("images generated")
+    ax.set_ylabel("total seconds (compile included)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"when compiling pays off, on {ref.get('device', '?')}")
+    return ax.figure
