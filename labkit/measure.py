@@ -378,6 +378,11 @@ TABLE_COLUMNS = {
 }
 
 
+def measured(record: dict) -> bool:
+    """Whether a record holds measurements (not out of memory, unavailable here, or failed)."""
+    return record["status"] in ("ok", "nan") and record.get("s_per_image") is not None
+
+
 def results_table(records: list[dict], baseline: str | int | None = 0):
     """A table of records with speed-up and memory ratio against ``baseline`` (a label or a row index)."""
     import pandas as pd
@@ -393,7 +398,7 @@ def results_table(records: list[dict], baseline: str | int | None = 0):
         base = records[baseline or 0]
     rows = []
     for r in records:
-        ok = r["status"] != "oom"
+        ok = measured(r)
         s = r.get("s_per_image") if ok else None
         memory = r.get("peak_allocated_gb") if ok else None
         rows.append(
@@ -434,22 +439,6 @@ def unavailable_record(label: str, reason: str, **fields) -> dict:
     ``fields`` add what the record would have measured (``size``, ``memory_cap_gb``, ...).
     """
     return {"label": label, "status": "unavailable", "reason": reason, **fields}
-
-
-@contextmanager
-def _quiet_stderr():
-    """Silence the C++ side's stderr for a moment (the profiler prints a line at each start and stop)."""
-    import sys
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _missing_before_loading(spec) -> str | None:
@@ -496,8 +485,7 @@ def _measure_one(pipe, label, size, cap, *, steps, batch, repeats, warmup, flops
             if breakdown and record["status"] == "ok":
                 from labkit.profiling import time_breakdown
 
-                with _quiet_stderr():
-                    record |= time_breakdown(pipe, warmup=0, steps=steps, size=size, batch=batch)
+                record |= time_breakdown(pipe, warmup=0, steps=steps, size=size, batch=batch)
     except torch.OutOfMemoryError as error:  # e.g. in the profiled run
         release_memory(device)
         return {**fields, "status": "oom", "error": str(error).splitlines()[0], **environment(device)}

@@ -289,7 +289,6 @@ def call_settings(pipe, *, steps=None, size=None, batch=None, guidance=None) -> 
     }
     if settings["size"] is None:
         settings["size"] = native_size(pipe)
-    settings["sdpa_backend"] = preset.get("sdpa_backend")
     return settings
 
 
@@ -312,7 +311,7 @@ def generate(
     settings = call_settings(pipe, steps=steps, size=size, batch=batch, guidance=guidance)
     prompts = prompt if isinstance(prompt, list) else [prompt or DEFAULT_PROMPT] * settings["batch"]
     generator = torch.Generator("cpu").manual_seed(seed)
-    with _sdpa_backend(settings["sdpa_backend"]), torch.inference_mode():
+    with torch.inference_mode():
         output = pipe(
             prompt=prompts,
             num_inference_steps=settings["steps"],
@@ -323,16 +322,3 @@ def generate(
             output_type="np",
         )
     return output.images
-
-
-def _sdpa_backend(name: str | None):
-    """A context that pins PyTorch SDPA to one backend (``torch.nn.attention.sdpa_kernel``), or does nothing."""
-    from contextlib import nullcontext
-
-    if name is None:
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
-    backends |= {"math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
-    return sdpa_kernel(backends[name])

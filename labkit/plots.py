@@ -14,28 +14,37 @@ LABELS = {
 
 
 def bar(records: list[dict], metric: str = "s_per_image", *, title: str | None = None, ax=None):
-    """A horizontal bar per record for ``metric``, with the min-max spread for times; OOM rows marked."""
+    """A horizontal bar per record for ``metric``, with the min-max spread for times; rows without
+    measurements (out of memory, unavailable here) are marked with their status."""
+    from labkit.measure import measured
+
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 0.45 * len(records) + 1.2))
     labels = [r["label"] for r in records]
-    values = [r.get(metric) if r["status"] != "oom" else None for r in records]
+    values = [r.get(metric) if measured(r) else None for r in records]
     heights = [v if v is not None else 0.0 for v in values]
     errors = None
     if metric == "s_per_image":
         errors = np.array(
             [
                 [r["s_per_image"] - r["s_per_image_min"], r["s_per_image_max"] - r["s_per_image"]]
-                if r["status"] != "oom"
+                if measured(r)
                 else [0.0, 0.0]
                 for r in records
             ]
         ).T
     ax.barh(labels, heights, xerr=errors, color="tab:blue", capsize=3)
     for y, (value, r) in enumerate(zip(values, records, strict=True)):
-        ax.text(heights[y], y, "  out of memory" if r["status"] == "oom" else f"  {value:.3g}", va="center")
+        if value is not None:
+            text = f"  {value:.3g}"
+        else:
+            text = "  out of memory" if r["status"] == "oom" else f"  {r['status']}"
+        ax.text(heights[y], y, text, va="center")
     ax.invert_yaxis()
     ax.set_xlabel(LABELS.get(metric, metric))
-    ax.set_title(title or f"{LABELS.get(metric, metric)} on {records[0]['device']}" if records else "")
+    ax.set_title(
+        title or f"{LABELS.get(metric, metric)} on {records[0].get('device', '?')}" if records else ""
+    )
     ax.margins(x=0.25)
     return ax.figure
 
@@ -219,4 +228,144 @@ def break_even(records: list[dict], reference: str, *, images: int | None = None
     ax.set_ylabel("total seconds (compile included)")
     ax.legend(fontsize=8)
     ax.set_title(f"when compiling pays off, on {ref.get('device', '?')}")
+    return ax.figure
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tier 1 chapters: samplers, latent diffusion and the VAE, numerics (labkit.tier1 makes the records)
+# ---------------------------------------------------------------------------------------------------
+
+
+def lines(
+    records: list[dict],
+    x: str,
+    y: str,
+    *,
+    group: str = "label",
+    ax=None,
+    title: str | None = None,
+    logx: bool = False,
+    logy: bool = False,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+):
+    """One line per value of ``group``: ``y`` against ``x`` (prompt accuracy against steps per sampler,
+    seconds per image against batch size per precision). Records whose status is not ``ok`` are left out.
+    Used in the samplers and numerics chapters."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 4))
+    groups: dict = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get(x) is not None and r.get(y) is not None:
+            groups.setdefault(r.get(group), []).append((r[x], r[y]))
+    for name, points in groups.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=str(name))
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel or LABELS.get(x, x))
+    ax.set_ylabel(ylabel or LABELS.get(y, y))
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if groups:
+        ax.legend(fontsize=8)
+    return ax.figure
+
+
+def image_rows(
+    images: np.ndarray, row_labels: list[str], column_labels: list[str], *, note: str | None = None
+):
+    """Images (N, H, W, 3) in [0, 1], row-major, in a grid with a label per row and a title per column.
+
+    Used in the samplers chapter (a row per sampler, a column per prompt) and the latent diffusion chapter.
+    """
+    import textwrap
+
+    images = np.asarray(images)
+    rows, columns = len(row_labels), len(column_labels)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(1.6 * columns + 1.2, 1.6 * rows + (0.4 if note else 0) + 0.4), squeeze=False
+    )
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+        if i < len(images):
+            ax.imshow(np.nan_to_num(images[i]).clip(0, 1), interpolation="nearest")
+        r, c = divmod(i, columns)
+        if r == 0:
+            ax.set_title(textwrap.fill(column_labels[c], 22), fontsize=7)
+        if c == 0:
+            ax.set_ylabel(row_labels[r], fontsize=8, rotation=0, ha="right", va="center")
+    if note:
+        fig.text(0.5, 0.01, note, ha="center", fontsize=9, style="italic")
+    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
+    return fig
+
+
+def flops_by_kind(
+    records: list[dict],
+    *,
+    kinds: tuple[str, ...] = ("convolution", "attention", "linear"),
+    ax=None,
+    title=None,
+):
+    """Grouped bars, log scale: the FLOPs of each kind (``flops_<kind>`` fields) and the total, per record.
+
+    Used in the latent diffusion chapter (pixel-space against latent-space UNet).
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.8))
+    names = [*kinds, "total"]
+    width = 0.8 / max(1, len(records))
+    for i, r in enumerate(records):
+        values = [r.get(f"flops_{k}", 0) for k in kinds] + [r["flops"]]
+        xs = np.arange(len(names)) + i * width
+        ax.bar(xs, [max(v, 1) for v in values], width, label=r["label"])
+        for xpos, v in zip(xs, values, strict=True):
+            ax.text(xpos, max(v, 1), f"{v / 1e9:.3g}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(np.arange(len(names)) + width * (len(records) - 1) / 2, names)
+    ax.set_yscale("log")
+    ax.set_ylabel("FLOPs per UNet evaluation (labels: GFLOP)")
+    ax.set_title(title or "where the FLOPs are")
+    ax.legend(fontsize=8)
+    return ax.figure
+
+
+def time_breakdown(records: list[dict], *, ax=None, title: str | None = None):
+    """One stacked bar per record: seconds per image in the text encoder, the UNet outside attention,
+    attention, the VAE decode, and the rest of the wall time (on a GPU: time no kernel ran, i.e. launch
+    gaps). Annotated with the GPU busy share when the record has one. Records come from
+    `labkit.tier1.where_time_goes`. Used in the numerics chapter."""
+    records = [r for r in records if r.get("status") == "ok"]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 0.5 * len(records) + 1.5))
+    parts = ["text encoder", "UNet (not attention)", "attention", "VAE decode", "rest of the wall time"]
+    colors = ["tab:gray", "tab:blue", "tab:orange", "tab:green", "white"]
+    for y, r in enumerate(records):
+        batch = r.get("batch") or 1
+        values = [
+            r["text_encoder_s"],
+            r["unet_s"] - r["attention_s"],
+            r["attention_s"],
+            r["vae_decode_s"],
+        ]
+        values.append(max(0.0, r["wall_s"] - sum(values)))
+        left = 0.0
+        for part, value, color in zip(parts, values, colors, strict=True):
+            ax.barh(y, value / batch, left=left, color=color, edgecolor="black", linewidth=0.4,
+                    label=part if y == 0 else None)  # fmt: skip
+            left += value / batch
+        if r.get("busy_share") is not None:
+            ax.text(left, y, f"  GPU busy {r['busy_share']:.0%}", va="center", fontsize=8)
+    ax.set_yticks(range(len(records)), [r["label"] for r in records])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds per image")
+    ax.set_title(title or "where the time goes")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.margins(x=0.2)
     return ax.figure

@@ -7,6 +7,8 @@ attention chapter (attention's share of UNet time, which bounds what a faster at
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from contextlib import contextmanager
 
@@ -50,6 +52,20 @@ def _annotated(pipe):
             delattr(obj, method)  # the instance attribute goes; the class's method shows again
 
 
+@contextmanager
+def quiet_stderr():
+    """Silence the C++ side's stderr for a moment (torch's profiler prints a line at each start and stop)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _union_us(intervals: list[tuple[float, float]]) -> float:
     """Total length of the union of time intervals (overlapping kernels on several streams count once)."""
     total, end = 0.0, float("-inf")
@@ -80,7 +96,7 @@ def time_breakdown(pipe, *, warmup: int = 1, **generate_kwargs) -> dict:
     wall = time.perf_counter() - start
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with _annotated(pipe), profile(activities=activities) as prof:
+    with _annotated(pipe), quiet_stderr(), profile(activities=activities) as prof:
         generate(pipe, **generate_kwargs)
         synchronize(device)
 

@@ -102,7 +102,9 @@ def row(label, s, gb, status="ok"):
 
 def test_results_table_ratios():
     records = [row("baseline", 4.0, 8.0), row("fast", 1.0, 2.0), {"label": "huge", "status": "oom"}]
+    records.append({"label": "xformers", "status": "unavailable", "reason": "not installed"})
     table = labkit.results_table(records, baseline="baseline")
+    assert table["status"][3] == "unavailable" and table["s / image"].isna()[3]
     assert list(table["speed-up"][:2]) == [1.0, 4.0]
     assert list(table["memory ratio"][:2]) == [1.0, 0.25]
     assert table["status"][2] == "oom" and table["speed-up"].isna()[2]
@@ -114,8 +116,10 @@ def test_plots_draw_from_records():
     from labkit import plots
 
     records = [row("baseline", 4.0, 8.0), row("fast", 1.0, 2.0), {"label": "huge", "status": "oom"}]
+    records.append({"label": "xformers", "status": "unavailable"})
     figure = plots.bar(records)
-    assert len(figure.axes[0].patches) == 3
+    assert len(figure.axes[0].patches) == 4
+    assert "unavailable" in [t.get_text().strip() for t in figure.axes[0].texts]
     assert plots.tradeoff(records[:2]).axes[0].collections
 
 

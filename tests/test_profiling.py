@@ -1,5 +1,7 @@
 """labkit.profiling: the regions of a generation are found and add up sensibly."""
 
+import os
+
 import pytest
 
 from labkit import profiling
@@ -19,3 +21,10 @@ def test_time_breakdown_on_the_cpu(tiny):
 def test_union_of_intervals():
     assert profiling._union_us([(0, 2), (1, 3), (5, 6)]) == pytest.approx(4)
     assert profiling._union_us([]) == 0
+
+
+def test_quiet_stderr_silences_the_file_descriptor(capfd):
+    with profiling.quiet_stderr():
+        os.write(2, b"profiler_start\n")
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"

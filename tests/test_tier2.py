@@ -3,7 +3,6 @@ attention-matrix arithmetic, the recommendation, compile cost and break-even, re
 and the figures. No timing thresholds: timings belong in the chapters."""
 
 import json
-import os
 from contextlib import contextmanager
 
 import matplotlib
@@ -285,13 +284,6 @@ def test_tier2_plots_draw_every_status():
     assert len(fig.axes[0].lines) == 2
     plots.break_even([fake("x", "unavailable")], "eager")
     matplotlib.pyplot.close("all")
-
-
-def test_quiet_stderr_silences_the_file_descriptor(capfd):
-    with measure._quiet_stderr():
-        os.write(2, b"profiler_start\n")
-    os.write(2, b"after\n")
-    assert capfd.readouterr().err == "after\n"
 
 
 def test_the_tiny_pipeline_still_generates_after_a_sweep(tiny):

@@ -67,10 +67,21 @@ def test_attention_processors(tiny):
     assert processors(tiny) == {SlicedAttnProcessor}
 
 
-def test_sdpa_backend_is_used_when_generating(tiny):
+def test_sdpa_backend_is_pinned_in_the_unet_only(tiny, monkeypatch):
+
     tiers.sdpa(tiny, backend="math")
-    assert tiny.labkit_call["sdpa_backend"] == "math"
+    assert {p.backend for p in tiny.unet.attn_processors.values()} == {"math"}
+    assert {type(p) for p in tiny.vae.attn_processors.values()} == {AttnProcessor2_0}
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch._C._get_math_sdp_enabled() and not torch._C._get_flash_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     assert labkit.generate(tiny, steps=1).shape == (1, 64, 64, 3)
+    assert seen and any(seen) and not all(seen)  # pinned in the UNet, free in the VAE
     with pytest.raises(ValueError, match="unknown SDPA backend"):
         tiers.sdpa(tiny, backend="fastest")
 
