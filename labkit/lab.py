@@ -92,6 +92,10 @@ class Profile:
     """Whether chapters run ``torch.compile`` (minutes on a CPU, so off in ``ci``)."""
     quality_images: int = 256
     """Images per configuration for quality metrics on ``shapes``."""
+    sampler_steps: tuple[int, ...] = (5, 10, 15, 20, 30, 50, 100)
+    """Step counts of the samplers chapter's quality sweep on ``shapes`` (quality against steps)."""
+    ddpm_steps: int = 1000
+    """Steps of the slow reference sampler, DDPM (all of the model's 1000 training steps on a GPU)."""
     description: str = ""
     """One line for people: what this profile is for."""
 
@@ -99,6 +103,7 @@ class Profile:
         """The profile as a JSON-able dict."""
         d = dataclasses.asdict(self)
         d["batch_sizes"] = list(self.batch_sizes)
+        d["sampler_steps"] = list(self.sampler_steps)
         return d
 
 
@@ -118,6 +123,8 @@ PROFILES: dict[str, Profile] = {
         memory_cap_gb=None,
         compile=False,
         quality_images=8,
+        sampler_steps=(2, 4),
+        ddpm_steps=8,
         description="CPU, tiny twin, tiny sizes: every chapter in seconds (what CI runs)",
     ),
     "gpu": Profile(
@@ -134,6 +141,8 @@ PROFILES: dict[str, Profile] = {
         memory_cap_gb=4.0,
         compile=True,
         quality_images=256,
+        sampler_steps=(5, 10, 15, 20, 30, 50, 100),
+        ddpm_steps=1000,
         description="data-centre GPU (>= 20 GB): SD1.5 twin at 512 px, real step counts (the book's run)",
     ),
     "gpu-small": Profile(
@@ -150,6 +159,8 @@ PROFILES: dict[str, Profile] = {
         memory_cap_gb=4.0,
         compile=True,
         quality_images=128,
+        sampler_steps=(5, 10, 15, 20, 30, 50, 100),
+        ddpm_steps=1000,
         description="smaller GPU (< 20 GB): SD1.5 twin at 512 px, smaller batches and large images",
     ),
 }
