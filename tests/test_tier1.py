@@ -301,6 +301,13 @@ def test_precision_speed_reports_unavailable_and_restores_tf32():
     assert "flops_per_image" not in by[("fp32", 1)]  # FLOPs are counted on a GPU only by default
 
 
+def test_tf32_utilisation_is_against_a_fresh_peak():
+    record = {"flops_per_image": 1e12, "s_per_image": 1.0, "utilisation": 123.0, "matmul_peak_tflops": 1e-3}
+    tier1._against_tf32_peak(record, "cpu")
+    assert record["matmul_peak_tflops"] > 1e-3
+    assert record["utilisation"] == pytest.approx(1 / record["matmul_peak_tflops"])
+
+
 def test_precision_quality_and_where_time_goes(tiny_shapes):
     records = tier1.precision_quality(str(tiny_shapes), ["fp32", "tf32", "bf16"], device="cpu", steps=1, n=2)
     by = {r["precision"]: r for r in records}
