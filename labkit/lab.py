@@ -598,7 +598,7 @@ def run_lab(
     manifest = read_manifest(target)
     overrides = {"device": device, "model": model}
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     bar = tqdm(sources, desc="chapters", unit="chapter", disable=quiet or not sources, file=sys.stderr)
     tmp = target / _TMP_DIR

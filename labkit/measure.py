@@ -242,7 +242,7 @@ def flop_count(pipe, kwargs: dict, evaluations: int) -> dict:
 
 
 @functools.cache
-def _matmul_peak(device_type: str, dtype: torch.dtype) -> float:
+def _matmul_peak(device_type: str, dtype: torch.dtype, tf32: bool) -> float:
     n = 8192 if device_type == "cuda" else 1024
     a = torch.randn(n, n, device=device_type, dtype=dtype)
     b = torch.randn(n, n, device=device_type, dtype=dtype)
@@ -256,10 +256,12 @@ def _matmul_peak(device_type: str, dtype: torch.dtype) -> float:
 
 
 def matmul_peak_tflops(device, dtype: torch.dtype) -> float:
-    """The best dense matmul rate (TFLOP/s) reached on ``device`` in ``dtype``, measured once per process."""
+    """The best dense matmul rate (TFLOP/s) reached on ``device`` in ``dtype`` (and the current TF32
+    setting), measured once per process."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         dtype = torch.float16
-    return _matmul_peak(torch.device(device).type, dtype)
+    # fp32 matmuls run on TF32 tensor cores when the tf32 optimization is on: a different peak
+    return _matmul_peak(torch.device(device).type, dtype, torch.backends.cuda.matmul.allow_tf32)
 
 
 # ---------------------------------------------------------------------------------------------------

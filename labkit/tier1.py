@@ -878,7 +878,7 @@ def _against_tf32_peak(record: dict, device) -> None:
     fp32 peak per dtype, measured without TF32)."""
     from labkit import measure
 
-    peak = measure._matmul_peak.__wrapped__(torch.device(device).type, torch.float32)  # TF32 is on now
+    peak = measure.matmul_peak_tflops(device, torch.float32)  # the TF32 peak: TF32 is on now
     record["matmul_peak_tflops"] = peak
     record["utilisation"] = record["flops_per_image"] / record["s_per_image"] / (peak * 1e12)
 

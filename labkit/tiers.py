@@ -192,6 +192,8 @@ def ddpm(pipe, steps: int = 1000) -> str:
 
 def _load_component(cls, source, pipe):
     """A VAE or UNet given as a module or a folder, in the pipeline's dtype and device."""
+    from labkit.models import quiet_diffusers
+
     if isinstance(source, torch.nn.Module):
         module = source
     else:
@@ -199,7 +201,8 @@ def _load_component(cls, source, pipe):
         if not (path / "config.json").exists():
             raise Unavailable(f"no {cls.__name__} folder at {path} (it needs a config.json)")
         module = cls.from_pretrained(path, use_safetensors=True)
-    return module.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+    with quiet_diffusers():  # its note on casting with to() concerns modules kept in fp32; ours have none
+        return module.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
 
 
 @optimization(tier=1, stage=SWAP, chapter="latent diffusion and the VAE")

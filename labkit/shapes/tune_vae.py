@@ -117,7 +117,7 @@ def tune_decoder(
     reconstruction PSNR before and after on ``eval_n`` held-out images. Used in the latent diffusion
     chapter; command: ``python -m labkit.shapes.tune_vae``.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     torch.manual_seed(seed)
     base_dir = Path(model_dir) / "vae" if model_dir is not None else Path(MODEL_DIR) / "vae"
