@@ -14,21 +14,15 @@ import json
 import sys
 import time
 
-SAMPLERS = {
-    "pndm": "PNDMScheduler",
-    "ddim": "DDIMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "ddpm": "DDPMScheduler",
-}
+# sampler name -> the labkit.tiers optimization that sets it (one way to swap a scheduler)
+SAMPLERS = {"pndm": "pndm", "ddim": "ddim", "dpm++": "dpm_solver", "euler": "euler", "ddpm": "ddpm"}
 
 
 def set_sampler(pipe, name: str) -> None:
     """Swap the pipeline's scheduler for ``name`` (a key of ``SAMPLERS``), keeping the trained config."""
-    import diffusers
+    from labkit import tiers
 
-    cls = getattr(diffusers, SAMPLERS[name])
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    tiers.OPTIMIZATIONS[SAMPLERS[name]].fn(pipe)
 
 
 def evaluate_samplers(
@@ -49,7 +43,8 @@ def evaluate_samplers(
 
 def main(argv: list[str] | None = None) -> int:
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    from labkit.models import load_pipeline
 
     from . import MODEL_DIR
 
@@ -63,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the rows here (JSON lines)")
     args = p.parse_args(argv)
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.model).to(args.device)
+    pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     samplers = [(s.split(":")[0], int(s.split(":")[1])) for s in args.samplers.split(",")]
     rows = []
