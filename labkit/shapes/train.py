@@ -88,8 +88,8 @@ class TrainConfig:
     beta_schedule: str = "scaled_linear"
     rescale_zero_snr: bool = False
     snr_gamma: float = 5.0
-    snr_floor: float = 0.1
-    high_noise: float = 0.3
+    snr_floor: float = 0.0
+    high_noise: float = 0.0
     cfg_dropout: float = 0.1
     ema_decay: float = 0.999
     # bookkeeping
@@ -625,8 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="UNet batch size")
     p.add_argument("--lr", type=float, default=None, help="UNet + text encoder learning rate")
     p.add_argument("--bank-size", type=int, default=None, help="training images drawn up front")
+    p.add_argument("--ema-decay", type=float, default=None, help="EMA of the exported weights (0.999)")
     p.add_argument("--snr-gamma", type=float, default=None, help="loss weight: clip the SNR above (5)")
-    p.add_argument("--snr-floor", type=float, default=None, help="loss weight: clip the SNR below (0.1)")
+    p.add_argument("--snr-floor", type=float, default=None, help="loss weight: clip the SNR below (0: off)")
     p.add_argument("--high-noise", type=float, default=None, help="share of timesteps from the noisiest 30%%")
     p.add_argument("--checkpoint-minutes", type=float, default=None)
     p.add_argument("--eval-n", type=int, default=None, help="held-out prompts scored at the end (0: skip)")
@@ -653,6 +654,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "batch_size",
         "lr",
         "bank_size",
+        "ema_decay",
         "snr_gamma",
         "snr_floor",
         "high_noise",
