@@ -90,6 +90,9 @@ def test_shipped_model_is_small_and_loads_offline(shipped_pipe):
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"
     assert (config.beta_schedule, config.beta_start, config.beta_end) == ("scaled_linear", 0.00085, 0.012)
     assert config.steps_offset == 1 and config.skip_prk_steps and not config.set_alpha_to_one
+    assert (
+        config.prediction_type == "epsilon" and config.clip_sample is False
+    )  # as SD 1.5: DDIM must not clip
     assert pipe.tokenizer.model_max_length == 77
     prompt = "a large blue triangle in the center"
     assert pipe.tokenizer.decode(pipe.tokenizer(prompt).input_ids, skip_special_tokens=True) == prompt

@@ -6,7 +6,7 @@
   f=8, but at 64 px that would leave 8x8 latents in which a small shape (11 px across) covers about one
   latent pixel and its kind (circle / square / triangle) would have to live in 4 numbers; f=4 keeps a
   small shape about 3 latent pixels wide and still compresses 12x (SD's f=8 with 4 channels: 48x).
-- **UNet**: a ``UNet2DConditionModel`` with cross-attention to the text at the 8x8 and 4x4 levels.
+- **UNet**: a ``UNet2DConditionModel`` going down 16x16 -> 1x1, cross-attention to the text at 4x4, 2x2, 1x1.
 - **scheduler**: SD 1.5's own ``PNDMScheduler`` config, so the lab's samplers behave as on SD.
 
 Used in the shapes chapter; :func:`build_pipeline` gives an untrained pipeline of any :class:`ModelConfig`.
@@ -28,6 +28,7 @@ SD15_SCHEDULER = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
+    "clip_sample": False,  # PNDM ignores it; DDIM and DDPM would clip latents to [-1, 1] without it
     "num_train_timesteps": 1000,
     "set_alpha_to_one": False,
     "skip_prk_steps": True,
@@ -47,7 +48,9 @@ class ModelConfig:
     text_heads: int = 4
     vae_channels: tuple[int, ...] = (16, 32, 32)  # 3 levels = 2 downsamplings = f=4
     vae_norm_groups: int = 8
-    unet_channels: tuple[int, ...] = (32, 64, 128)
+    # 5 levels: 16x16 -> 8 -> 4 -> 2 -> 1 (see build_unet for why it goes down to 1x1)
+    unet_channels: tuple[int, ...] = (32, 64, 64, 96, 96)
+    unet_cross_attention: tuple[bool, ...] = (False, False, True, True, True)
     unet_layers_per_block: int = 1
     unet_head_dim: int = 32
     unet_norm_groups: int = 16
@@ -65,6 +68,7 @@ class ModelConfig:
             vae_channels=(8, 16, 16),
             vae_norm_groups=4,
             unet_channels=(16, 16, 32),
+            unet_cross_attention=(False, True, True),
             unet_head_dim=8,
             unet_norm_groups=4,
         )
@@ -81,6 +85,7 @@ class ModelConfig:
         d = asdict(self)
         d["vae_channels"] = list(self.vae_channels)
         d["unet_channels"] = list(self.unet_channels)
+        d["unet_cross_attention"] = list(self.unet_cross_attention)
         return d
 
     @classmethod
@@ -88,6 +93,7 @@ class ModelConfig:
         d = dict(d)
         d["vae_channels"] = tuple(d["vae_channels"])
         d["unet_channels"] = tuple(d["unet_channels"])
+        d["unet_cross_attention"] = tuple(d["unet_cross_attention"])
         return cls(**d)
 
 
@@ -125,10 +131,20 @@ def build_vae(cfg: ModelConfig) -> AutoencoderKL:
 
 
 def build_unet(cfg: ModelConfig) -> UNet2DConditionModel:
-    """A ``UNet2DConditionModel``: plain conv blocks at full latent size, cross-attention below it."""
-    n = len(cfg.unet_channels)
-    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
-    up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
+    """A ``UNet2DConditionModel`` whose levels go down to 1x1, with cross-attention at the coarse levels.
+
+    Why down to 1x1: a UNet's convolutions are the same at every pixel, so the only clue to *where* a pixel
+    is comes from the zero padding at the borders, and at high noise (where sampling decides the layout)
+    that clue is faint. Going down to 1x1 gives the network a global code (the 1x1 cross-attention reads
+    the whole prompt) that the up path turns into a layout: upsampling 1x1 -> 2x2 -> 4x4 with padded 3x3
+    convolutions applies a different linear map at each cell, as a DCGAN generator does. It is also cheaper
+    than the first design (16 -> 8 -> 4, cross-attention at 8x8 and 4x4): 0.32 s vs 0.66 s per training step
+    of 32 on one CPU thread. That first design put shapes at random places (position accuracy 0.12, chance
+    0.11) after 3300 steps, but it also trained the text encoder jointly, which erased the position words
+    (see :mod:`labkit.shapes.train`), so the architecture change alone was not measured.
+    """
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.unet_cross_attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.unet_cross_attention))
     return UNet2DConditionModel(
         sample_size=cfg.latent_size,
         in_channels=cfg.latent_channels,

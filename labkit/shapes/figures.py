@@ -28,6 +28,7 @@ def sample_page(
     title: str | None = None,
     path: str | Path | None = None,
     images: np.ndarray | None = None,
+    dpi: int = 110,
 ):
     """One image for every prompt kind on one page (15 rows of shape x colour, 18 columns of size x position).
 
@@ -71,5 +72,5 @@ def sample_page(
         left=0.06, right=0.995, bottom=0.005, top=0.93 if title else 0.95, wspace=0.05, hspace=0.05
     )
     if path is not None:
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=dpi)
     return fig
