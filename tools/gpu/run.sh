@@ -45,7 +45,7 @@ case "${1:?which job? anchors | compiled | train-shapes | lab}" in
       --label "+ fused QKV, channels_last, compiled UNet and VAE decode"
     ;;
   train-shapes)
-    python -m labkit.cli train-shapes --device cuda --out "$OUT/shapes-model" 2>&1 | tee "$OUT/train.log"
+    python -m labkit.cli train-shapes --preset gpu --device cuda --out "$OUT/shapes-gpu" 2>&1 | tee "$OUT/train.log"
     ;;
   lab)
     shift
