@@ -1,7 +1,8 @@
 """Model sources: the one loader, `load_pipeline`, for three kinds of source.
 
 1. ``"shapes"``: our own tiny text-to-image model, trained by labkit and shipped in the package. The
-   only source on which quality numbers mean something (see `labkit.quality`).
+   only source on which quality numbers mean something (see `labkit.quality`). ``"shapes:NAME"`` is a
+   trained variant of it (``shapes_variants()``: e.g. ``vpred``, v-prediction on a cosine schedule).
 2. ``"twin:NAME"``: a real Stable Diffusion architecture with random weights (configs in
    ``labkit/twins/NAME.json``). Speed, memory and FLOPs are those of the real model; images are noise.
 3. a hub id or a local folder: plain ``from_pretrained``, for users who have the weights.
@@ -67,7 +68,8 @@ def load_pipeline(
     device: str | torch.device | None = None,
     seed: int = 0,
 ):
-    """Load a diffusers pipeline from ``source``: ``"shapes"``, ``"twin:NAME"``, a folder or a hub id.
+    """Load a diffusers pipeline from ``source``: ``"shapes"`` (or a variant, ``"shapes:vpred"``),
+    ``"twin:NAME"``, a folder or a hub id.
 
     The pipeline is the untouched baseline of diffusers' philosophy: full precision (fp32) unless
     ``dtype`` says otherwise, diffusers' default attention (PyTorch SDPA), the model's own scheduler.
@@ -82,6 +84,8 @@ def load_pipeline(
         )
     if source == "shapes":
         pipe = _load_shapes(dtype)
+    elif source.startswith("shapes:"):
+        pipe = _load_shapes_variant(source.removeprefix("shapes:"), dtype)
     elif source.startswith("twin:"):
         pipe = _build_twin(source.removeprefix("twin:"), dtype, device, seed)
     else:
@@ -89,9 +93,11 @@ def load_pipeline(
     pipe.to(device)
     pipe.labkit_source = source
     # what the model was trained with, so that custom_scheduler can warn about a mismatch
+    trained = pipe.scheduler.config
     pipe.labkit_trained = {
-        key: pipe.scheduler.config.get(key, "epsilon" if key == "prediction_type" else None)
-        for key in ("beta_schedule", "prediction_type")
+        "beta_schedule": trained.get("beta_schedule"),
+        "prediction_type": trained.get("prediction_type", "epsilon"),
+        "rescale_betas_zero_snr": bool(trained.get("rescale_betas_zero_snr", False)),
     }
     pipe.labkit_applied = []
     pipe.labkit_call = {}
@@ -121,6 +127,40 @@ def _load_shapes(dtype: torch.dtype):
             "or use a twin such as 'twin:sd15' for speed and memory."
         )
     return StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=dtype, use_safetensors=True)
+
+
+def shapes_variants() -> list[str]:
+    """The trained variants of ``shapes`` that load as a whole pipeline, ``"shapes:NAME"``.
+
+    A variant is a folder ``labkit/shapes/variants/NAME/`` with its own ``unet/`` (stored fp16) and,
+    optionally, ``scheduler/``; the rest (text encoder, tokenizer, VAE) is the shipped model's.
+    """
+    from labkit.shapes import VARIANTS_DIR
+
+    return sorted(p.parent.parent.name for p in Path(VARIANTS_DIR).glob("*/unet/config.json"))
+
+
+def _load_shapes_variant(name: str, dtype: torch.dtype):
+    """The shipped ``shapes`` pipeline with a variant's UNet (upcast to ``dtype``) and scheduler."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from labkit.shapes import MODEL_DIR, VARIANTS_DIR
+
+    if name not in shapes_variants():
+        raise SourceError(
+            f"unknown shapes variant {name!r}; choose one of: "
+            + ", ".join(f"'shapes:{n}'" for n in shapes_variants())
+            + " (or 'shapes', the shipped model)"
+        )
+    folder = Path(VARIANTS_DIR) / name
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, use_safetensors=True)
+    parts = {"unet": unet}
+    scheduler_config = folder / "scheduler" / "scheduler_config.json"
+    if scheduler_config.exists():
+        config = json.loads(scheduler_config.read_text())
+        parts["scheduler"] = getattr(diffusers, config["_class_name"]).from_config(config)
+    return StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=dtype, use_safetensors=True, **parts)
 
 
 def _load_pretrained(source: str, dtype: torch.dtype):

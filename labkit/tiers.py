@@ -220,7 +220,7 @@ def swap_vae(pipe, vae=None) -> str:
 def _variant_dir(pipe, kind: str) -> Path:
     """The folder of a trained variant (a tuned VAE, a student UNet) that ships with the source."""
     source = getattr(pipe, "labkit_source", None)
-    if source == "shapes":
+    if source == "shapes" or (kind == "vae" and str(source).startswith("shapes:")):  # variants share it
         from labkit import shapes
 
         folder = Path(shapes.__file__).parent / "variants" / kind
@@ -470,6 +470,15 @@ def fp8_dynamic(pipe) -> str:
     )
 
 
+@optimization(tier=3, stage=QUANTIZE, chapter="int8", needs=("torchao",))
+def int8_qat(pipe, scheme: str = "int8_dynamic") -> str:
+    """INT8 after quantization-aware training: the source's QAT-tuned linear weights, then int8 (torchao)."""
+    from labkit.quantization import load_qat_weights, ptq_config
+
+    loaded = load_qat_weights(pipe, scheme=scheme)
+    return f"{loaded}; " + _quantize(pipe, ptq_config(scheme), f"{scheme} (after QAT)")
+
+
 @optimization(tier=3, stage=SAMPLER, chapter="custom schedulers")
 def custom_scheduler(
     pipe,
@@ -494,10 +503,13 @@ def custom_scheduler(
         rescale_betas_zero_snr=rescale_betas_zero_snr,
         timestep_spacing=timestep_spacing,
     )
+    asked = (
+        ("beta_schedule", beta_schedule),
+        ("prediction_type", prediction_type),
+        ("rescale_betas_zero_snr", rescale_betas_zero_snr),
+    )
     mismatched = [
-        f"{key}={trained[key]!r}"
-        for key, value in (("beta_schedule", beta_schedule), ("prediction_type", prediction_type))
-        if key in trained and trained[key] != value
+        f"{key}={trained[key]!r}" for key, value in asked if key in trained and trained[key] != value
     ]
     if mismatched:
         warning = f"the model was trained with {', '.join(mismatched)}: expect ruined images"
@@ -522,7 +534,7 @@ def distilled_student(pipe, unet=None) -> str:
         unet = _variant_dir(pipe, "student")
     pipe.unet = _load_component(UNet2DConditionModel, unet, pipe)
     after = sum(p.numel() for p in pipe.unet.parameters())
-    return f"UNet {before / 1e6:.0f}M -> student {after / 1e6:.0f}M parameters"
+    return f"UNet {before / 1e6:.3g}M -> student {after / 1e6:.3g}M parameters"
 
 
 # ---------------------------------------------------------------------------------------------------

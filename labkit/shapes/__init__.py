@@ -14,6 +14,8 @@ MODEL_DIR = Path(__file__).parent / "model"
 #: the shipped shapes classifier (weights) and its config, used by :mod:`labkit.quality`
 CLASSIFIER_PATH = Path(__file__).parent / "classifier.safetensors"
 CLASSIFIER_CONFIG_PATH = Path(__file__).parent / "classifier.json"
+#: trained variants: ``vae`` (a tuned decoder), and UNets that load as ``load_pipeline("shapes:NAME")``
+VARIANTS_DIR = Path(__file__).parent / "variants"
 
 __all__ = [
     "ATTRIBUTES",
@@ -21,6 +23,7 @@ __all__ = [
     "CLASSIFIER_PATH",
     "IMAGE_SIZE",
     "MODEL_DIR",
+    "VARIANTS_DIR",
     "all_prompts",
     "heldout",
     "make_prompt",

@@ -2,6 +2,8 @@
 
     python -m labkit.shapes.evaluate                       # the shipped model, 500 held-out prompts
     python -m labkit.shapes.evaluate --model runs/shapes/model --n 200 --samplers dpm++:20
+    python -m labkit.shapes.evaluate --model shapes:vpred --samplers dpm++:20,ddim:50   # a shipped variant
+    python -m labkit.shapes.evaluate --unet labkit/shapes/variants/student --samplers dpm++:20
 
 Each row uses the same held-out prompts and per-image seeds (:func:`labkit.quality.evaluate`). Used to
 write the numbers in ``labkit/shapes/README.md`` and in the samplers chapter.
@@ -49,16 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     from . import MODEL_DIR
 
     p = argparse.ArgumentParser(prog="python -m labkit.shapes.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(MODEL_DIR))
+    p.add_argument("--model", default=str(MODEL_DIR), help="a folder, or a source such as shapes:vpred")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--samplers", default="dpm++:20,ddim:50,pndm:50,ddpm:250", help="name:steps,...")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the rows here (JSON lines)")
+    p.add_argument(
+        "--unet", default=None, help="a UNet folder to score in the model's place (the distilled student)"
+    )
     args = p.parse_args(argv)
 
     pipe = load_pipeline(args.model, device=args.device)
+    if args.unet:  # e.g. labkit/shapes/variants/student (the distillation chapter)
+        from labkit import tiers
+
+        tiers.distilled_student(pipe, unet=args.unet)
     pipe.set_progress_bar_config(disable=True)
     samplers = [(s.split(":")[0], int(s.split(":")[1])) for s in args.samplers.split(",")]
     rows = []
@@ -66,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         (row,) = evaluate_samplers(pipe, [(name, steps)], n=args.n, guidance=args.guidance, seed=args.seed)
         row["device"] = args.device
+        row["unet"] = args.unet or "the model's"
         row["torch"] = torch.__version__
         rows.append(row)
         acc = row["accuracy"]

@@ -11,9 +11,10 @@ One command does it (``labkit train-shapes``, or ``python -m labkit.shapes.train
     # the classifier behind labkit.quality (a few minutes on a CPU)
     labkit train-shapes --stages classifier
 
-    # a variant for the custom-scheduler chapter: v-prediction on cosine betas with zero terminal SNR
-    labkit train-shapes --preset gpu --device cuda --prediction-type v_prediction \\
-        --beta-schedule squaredcos_cap_v2 --rescale-zero-snr --out runs/shapes-vpred
+    # a variant for the custom-scheduler chapter: v-prediction on cosine betas with zero terminal SNR,
+    # on the shipped VAE (--vae-from skips the VAE stage), then `python -m labkit.schedulers ship`
+    labkit train-shapes --preset gpu --device cuda --stages unet --vae-from labkit/shapes/model \\
+        --prediction-type v_prediction --beta-schedule squaredcos_cap_v2 --rescale-zero-snr --out runs/vpred-gpu
 
 How it trains:
 
@@ -97,6 +98,8 @@ class TrainConfig:
     cfg_dropout: float = 0.1
     ema_decay: float = 0.999
     train_text_encoder: bool = False
+    # start the UNet stage from this pipeline folder's VAE (and its scaling_factor) instead of OUT's checkpoint
+    vae_from: str | None = None
     # bookkeeping
     checkpoint_minutes: float = 2.0
     log_every: int = 20
@@ -410,6 +413,8 @@ def train_unet(
     # latents of the whole bank, and the 270 prompts (+ the empty one, for guidance) tokenized once
     means, stds = encode_bank(vae, bank, device)
     scaling_factor = float(1.0 / means.std())
+    if cfg.vae_from:  # a shipped VAE: keep the scaling factor its pipeline samples with
+        scaling_factor = float(vae.config.scaling_factor)
     prompts = data.all_prompts() + [""]
     ids = tokenizer(
         prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
@@ -568,7 +573,9 @@ def train(cfg: TrainConfig, stages: tuple[str, ...] = ("vae", "unet"), export: s
         t0 = time.perf_counter()
         bank, bank_prompts = make_bank(cfg.bank_size, cfg.seed, device)
         summary["bank_seconds"] = round(time.perf_counter() - t0, 1)
-        if "vae" in stages:
+        if cfg.vae_from:
+            vae = load_vae_from(cfg.vae_from, device)
+        elif "vae" in stages:
             vae = train_vae(cfg, bank, device)
         else:
             vae = build_vae(cfg.model).to(device)
@@ -586,6 +593,18 @@ def train(cfg: TrainConfig, stages: tuple[str, ...] = ("vae", "unet"), export: s
     summary["seconds"] = round(time.perf_counter() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def load_vae_from(folder: str | Path, device) -> torch.nn.Module:
+    """The VAE of a saved shapes pipeline (``--vae-from``), e.g. to train a UNet variant on the shipped VAE."""
+    from diffusers import AutoencoderKL
+
+    path = Path(folder) / "vae"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"--vae-from {folder}: no {path}/config.json; give a pipeline folder such as labkit/shapes/model"
+        )
+    return AutoencoderKL.from_pretrained(str(path)).to(device).eval()
 
 
 def _copy_model(src: Path, dst: Path) -> None:
@@ -639,6 +658,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="UNet + text encoder learning rate")
     p.add_argument("--bank-size", type=int, default=None, help="training images drawn up front")
     p.add_argument("--train-text-encoder", action="store_true", default=None, help="train it with the UNet")
+    p.add_argument(
+        "--vae-from",
+        default=None,
+        help="skip the VAE stage: use this pipeline folder's VAE (labkit/shapes/model)",
+    )
     p.add_argument("--ema-decay", type=float, default=None, help="EMA of the exported weights (0.999)")
     p.add_argument("--snr-gamma", type=float, default=None, help="loss weight: clip the SNR above (5)")
     p.add_argument("--snr-floor", type=float, default=None, help="loss weight: clip the SNR below (0: off)")
@@ -670,6 +694,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "bank_size",
         "ema_decay",
         "train_text_encoder",
+        "vae_from",
         "snr_gamma",
         "snr_floor",
         "high_noise",
