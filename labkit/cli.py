@@ -3,6 +3,7 @@
 labkit doctor                                   what this machine can run, and why not
 labkit bench --model twin:sd15 --preset baseline --preset tier1 --out results.jsonl
 labkit bench --model shapes --apply dpm_solver:steps=20 fp16 --label mine
+labkit compare base.jsonl new.jsonl --time-tolerance 0.1   exit 1 if new is slower or worse
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     train.add_argument("args", nargs=argparse.REMAINDER)
 
+    compare = commands.add_parser(
+        "compare", help="is a new run slower or worse than a stored one? (exit 1 if so; chapter 12)"
+    )
+    from labkit.validate import add_compare_arguments
+
+    add_compare_arguments(compare)
+
     lab = commands.add_parser("lab", help="execute the chapters and build the book")
     try:
         from labkit.lab import add_lab_arguments
@@ -84,6 +92,10 @@ def _run(args) -> int:
         from labkit.shapes.train import cli_main
 
         return cli_main(args.args)
+    if args.command == "compare":
+        from labkit.validate import compare_command
+
+        return compare_command(args)
     if args.command == "lab":
         from labkit.lab import lab_command
 

@@ -96,6 +96,8 @@ class Profile:
     """Step counts of the samplers chapter's quality sweep on ``shapes`` (quality against steps)."""
     ddpm_steps: int = 1000
     """Steps of the slow reference sampler, DDPM (all of the model's 1000 training steps on a GPU)."""
+    summary_twins: tuple[str, ...] = ()
+    """Larger twins the performance summary (chapter 11) also measures, beside ``twin``."""
     description: str = ""
     """One line for people: what this profile is for."""
 
@@ -103,6 +105,7 @@ class Profile:
         """The profile as a JSON-able dict."""
         d = dataclasses.asdict(self)
         d["batch_sizes"] = list(self.batch_sizes)
+        d["summary_twins"] = list(self.summary_twins)
         d["sampler_steps"] = list(self.sampler_steps)
         return d
 
@@ -125,6 +128,7 @@ PROFILES: dict[str, Profile] = {
         quality_images=8,
         sampler_steps=(2, 4),
         ddpm_steps=8,
+        summary_twins=(),
         description="CPU, tiny twin, tiny sizes: every chapter in seconds (what CI runs)",
     ),
     "gpu": Profile(
@@ -143,6 +147,7 @@ PROFILES: dict[str, Profile] = {
         quality_images=256,
         sampler_steps=(5, 10, 15, 20, 30, 50, 100),
         ddpm_steps=1000,
+        summary_twins=("twin:sdxl",),
         description="data-centre GPU (>= 20 GB): SD1.5 twin at 512 px, real step counts (the book's run)",
     ),
     "gpu-small": Profile(
@@ -161,6 +166,7 @@ PROFILES: dict[str, Profile] = {
         quality_images=128,
         sampler_steps=(5, 10, 15, 20, 30, 50, 100),
         ddpm_steps=1000,
+        summary_twins=(),
         description="smaller GPU (< 20 GB): SD1.5 twin at 512 px, smaller batches and large images",
     ),
 }
