@@ -3,7 +3,9 @@
 #
 #   bash tools/gpu/run.sh anchors       DESIGN.md's SD 1.5 anchor table, eager configurations (~6 min on an H100)
 #   bash tools/gpu/run.sh compiled      the torch.compile rows of that table (~8 min: each compiles)
-#   bash tools/gpu/run.sh train-shapes  train the embedded shapes model (labkit.shapes.train)
+#   bash tools/gpu/run.sh train-shapes  train the embedded shapes model (labkit.shapes.train, gpu preset, <= 10 min)
+#   bash tools/gpu/run.sh train-variants  the tier-3 variants on the shipped model: v-prediction (08), student (09),
+#                                       QAT (07), a few minutes each; copy $OUT/variants/* into labkit/shapes/variants/
 #   bash tools/gpu/run.sh lab [N ...]   execute chapters N ... (default: all) with the gpu profile, publish into book/
 #                                       (one call runs at most 10 minutes: give a few chapters per call)
 #
@@ -27,7 +29,7 @@ python -m labkit.cli doctor | tee "$OUT/doctor.txt"
 
 bench() { python -m labkit.cli bench --model twin:sd15 --size 512 --repeats 5 --out "$OUT/anchors.jsonl" "$@"; }
 
-case "${1:?which job? anchors | compiled | train-shapes | lab}" in
+case "${1:?which job? anchors | compiled | train-shapes | train-variants | lab}" in
   anchors)
     bench --preset baseline
     bench --apply pndm sdpa --label "fp32, SDPA, PNDM 50"
@@ -46,6 +48,17 @@ case "${1:?which job? anchors | compiled | train-shapes | lab}" in
     ;;
   train-shapes)
     python -m labkit.cli train-shapes --preset gpu --device cuda --out "$OUT/shapes-gpu" 2>&1 | tee "$OUT/train.log"
+    ;;
+  train-variants)
+    V="$OUT/variants"; mkdir -p "$V"
+    python -m labkit.cli train-shapes --preset gpu --device cuda --stages unet --vae-from labkit/shapes/model \
+      --prediction-type v_prediction --beta-schedule squaredcos_cap_v2 --rescale-zero-snr --out "$OUT/vpred-gpu" \
+      2>&1 | tee "$OUT/vpred.log"
+    python -m labkit.schedulers ship "$OUT/vpred-gpu/model" 2>&1 | tee -a "$OUT/vpred.log"
+    cp -r labkit/shapes/variants/vpred "$V/"  # ship writes into the package; bring it back under $OUT
+    python -m labkit.shapes.distill --preset gpu --device cuda --out "$OUT/student-gpu" --export "$V/student" \
+      2>&1 | tee "$OUT/student.log"
+    python -m labkit.shapes.qat --preset gpu --device cuda --out "$OUT/qat-gpu" --export "$V/qat" 2>&1 | tee "$OUT/qat.log"
     ;;
   lab)
     shift
