@@ -256,8 +256,12 @@ def start_chapter(
     p = get_profile(profile, device=device)
     if model:
         p = dataclasses.replace(p, twin=model)
+    import warnings
+
     import torch
 
+    # diffusers imports tqdm.auto, which warns in a notebook without ipywidgets; chapters show no bars
+    warnings.filterwarnings("ignore", message="IProgress not found")
     print(
         f"labkit {_labkit_version()} · profile {p.name} · device: {p.device} ({device_name(p.device)}) · "
         f"torch {torch.__version__}"

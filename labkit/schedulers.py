@@ -409,7 +409,7 @@ def verdict_rows(
         speed = (
             f"UNet parameters {a['unet_parameters']:,} vs {b['unet_parameters']:,}; "
             f"{top} steps x {n} images: {b['seconds']:.2f} s vs {a['seconds']:.2f} s "
-            f"({ratio:.2f}x) on {a.get('device', '?')}"
+            f"({ratio:.2f}x) on {a.get('device', '?')}; one timed run each, so within timing noise"
         )
         if not same:
             ratio = None
@@ -418,7 +418,8 @@ def verdict_rows(
             "claim": "speed: unchanged (same architecture, same steps)",
             "claimed": "1x",
             "measured": speed,
-            "verdict": judge(ratio, 1.0, tolerance=0.15),
+            # one timed run per model, no repeats: allow the noise of a single timing (about 25% on a busy CPU)
+            "verdict": judge(ratio, 1.0, tolerance=0.25),
         }
     )
     return rows
