@@ -1,4 +1,4 @@
-"""Quantization-aware training (QAT) of the shipped shapes UNet with torchao, in one command.
+"""Quantization-aware training (QAT) of the shipped shapes UNet with torchao, in one command::
 
     # CPU (the shipped variant): a few minutes on 1 thread of a busy 2-core machine
     python -m labkit.shapes.qat --preset cpu --threads 1 --out runs/qat --export labkit/shapes/variants/qat
