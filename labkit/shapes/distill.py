@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,13 +55,14 @@ from .train import (
     _Clock,
     _load_checkpoint,
     _log,
-    _raise_keyboard_interrupt,
     _sample_timesteps,
     _save_checkpoint,
     _snr_weight,
     encode_bank,
     make_bank,
+    override,
     pick_device,
+    run_job,
 )
 
 #: the commands that train the shipped student (the docstring above)
@@ -495,14 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
     """A :class:`DistillConfig` from the preset, overridden by the flags that were given."""
     cfg = DistillConfig(**PRESETS[args.preset])
-    for name in (
+    names = (
         "out", "teacher", "device", "seed", "mid_block", "steps", "minutes", "batch_size", "lr",
         "bank_size", "output_kd_weight", "feature_kd_weight", "task_weight", "ema_decay",
         "checkpoint_minutes", "eval_n",
-    ):  # fmt: skip
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
+    )  # fmt: skip
+    override(cfg, args, names)
     if args.layers_per_block:
         try:
             cfg.layers_per_block = tuple(int(x) for x in args.layers_per_block.split(","))
@@ -510,8 +508,6 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
             raise SystemExit(
                 f"--layers-per-block {args.layers_per_block!r}: give integers like 0,1,0,1,0"
             ) from error
-    if args.no_progress:
-        cfg.progress = False
     return cfg
 
 
@@ -519,26 +515,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     """``python -m labkit.shapes.distill``: parse the flags, distil, print the summary."""
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.fresh:
-        import shutil
-
-        shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    except ValueError:  # not the main thread
-        previous = None
-    try:
-        summary = distill(cfg, export=args.export, export_dtype=args.export_dtype)
-    except KeyboardInterrupt:
-        print("interrupted: checkpoint saved; run the same command again to resume", file=sys.stderr)
-        return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_job(args, cfg.out, lambda: distill(cfg, export=args.export, export_dtype=args.export_dtype))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import copy
 import hashlib
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -59,7 +58,9 @@ from .train import (
     _snr_weight,
     encode_bank,
     make_bank,
+    override,
     pick_device,
+    run_job,
 )
 
 VARIANT_CONFIG = "config.json"
@@ -382,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> QATConfig:
     """A :class:`QATConfig` from the preset, overridden by the flags that were given."""
     cfg = QATConfig(**PRESETS[args.preset])
-    for name in (
+    names = (
         "out",
         "device",
         "seed",
@@ -395,17 +396,8 @@ def config_from_args(args: argparse.Namespace) -> QATConfig:
         "bank_size",
         "checkpoint_minutes",
         "eval_n",
-    ):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
-    if args.no_progress:
-        cfg.progress = False
-    return cfg
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
+    )
+    return override(cfg, args, names)
 
 
 def cli_main(argv: list[str] | None = None) -> int:
@@ -415,26 +407,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(f"QAT {problem}", file=sys.stderr)
         return 2
     cfg = config_from_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.fresh:
-        import shutil
-
-        shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    except ValueError:  # not the main thread
-        previous = None
-    try:
-        summary = train(cfg, export=args.export)
-    except KeyboardInterrupt:
-        print("interrupted: checkpoint saved; run the same command again to resume", file=sys.stderr)
-        return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_job(args, cfg.out, lambda: train(cfg, export=args.export))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -678,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A :class:`TrainConfig` from the preset, overridden by the flags that were given."""
     cfg = TrainConfig(**PRESETS[args.preset])
-    for name in (
+    names = (
         "out",
         "device",
         "seed",
@@ -700,17 +701,49 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "high_noise",
         "checkpoint_minutes",
         "eval_n",
-    ):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
-    if args.no_progress:
-        cfg.progress = False
-    return cfg
+    )
+    return override(cfg, args, names)
 
 
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def override(cfg, args: argparse.Namespace, names: Iterable[str]):
+    """Set each of ``names`` on ``cfg`` from the flag of that name, where it was given; ``--no-progress``."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    if getattr(args, "no_progress", False):
+        cfg.progress = False
+    return cfg
+
+
+def run_job(args: argparse.Namespace, out: str | Path, job: Callable[[], dict]) -> int:
+    """What the training commands share (train-shapes, ``shapes.distill``, ``shapes.qat``): ``--threads``,
+    ``--fresh``, then ``job()`` with SIGTERM (a killed job, a CI timeout) saving a checkpoint as Ctrl-C does,
+    and the summary printed as JSON. Returns the exit status (130 when interrupted)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.fresh:
+        import shutil
+
+        shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        summary = job()
+    except KeyboardInterrupt:
+        print("interrupted: checkpoints saved; run the same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def cli_main(argv: list[str] | None = None) -> int:
@@ -725,27 +758,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         )
         return 2
     cfg = config_from_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.fresh:
-        import shutil
-
-        shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
-    # a SIGTERM (a killed job, a CI timeout) saves a checkpoint like Ctrl-C does
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    except ValueError:  # not the main thread
-        previous = None
-    try:
-        summary = train(cfg, stages, export=args.export)
-    except KeyboardInterrupt:
-        print("interrupted: checkpoints saved; run the same command again to resume", file=sys.stderr)
-        return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_job(args, cfg.out, lambda: train(cfg, stages, export=args.export))
 
 
 if __name__ == "__main__":
