@@ -19,6 +19,12 @@ from labkit.models import SourceError
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-shapes"]:
+        # argparse's REMAINDER drops a first argument that looks like a flag ("--preset"): hand over as is
+        from labkit.shapes.train import cli_main
+
+        return cli_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="labkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -49,3 +49,15 @@ def test_bench_appends_records(tmp_path, capsys):
 def test_bench_bad_source_is_a_clear_error(tmp_path, capsys):
     assert main(["bench", "--model", str(tmp_path / "absent"), "--no-flops"]) == 2
     assert "twin:sd15" in capsys.readouterr().err
+
+
+def test_train_shapes_passes_its_flags_through(capsys):
+    # the README's form, `labkit train-shapes --preset ...`: the flags reach the trainer's parser
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-shapes", "--preset", "cpu", "--help"])
+    assert exit_info.value.code == 0
+    assert "--prediction-type" in capsys.readouterr().out
+    assert main(["train-shapes", "--stages", "nonsense"]) == 2
+    assert "unknown stage" in capsys.readouterr().err
