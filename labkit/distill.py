@@ -28,7 +28,7 @@ from labkit import quality, tiers
 from labkit.measure import benchmark, environment, image_check, release_memory
 from labkit.models import load_pipeline, quiet_diffusers, twin_config
 from labkit.shapes.distill import bk_layers, student_config
-from labkit.tier1 import _timed_calls, _unet_inputs, count_flops, match_margin
+from labkit.tier1 import _unet_inputs, count_flops, match_margin, time_unet
 
 CUTS = ("teacher", "BK-SDM-Base cut", "BK-SDM-Small cut")
 """The labels of :func:`bk_cuts`: the twin's own UNet, then BK-SDM-Base's and BK-SDM-Small's cuts."""
@@ -109,18 +109,10 @@ def unet_costs(
         }
         del meta_unet
         if repeats > 0:
-            unet = None
             try:
-                torch.manual_seed(0)
-                with torch.device(device), quiet_diffusers():
-                    unet = UNet2DConditionModel(**config).to(dtype).eval()
-                inputs = _unet_inputs(unet, batch, channels, side, device, dtype)
-
-                def evaluate(unet=unet, inputs=inputs):
-                    with torch.inference_mode():
-                        unet(**inputs)
-
-                timing = _timed_calls(evaluate, device, warmup=warmup, repeats=repeats)
+                timing = time_unet(
+                    config, batch, channels, side, device=device, dtype=dtype, warmup=warmup, repeats=repeats
+                )
                 record |= {
                     "s_per_evaluation": timing["seconds"],
                     "times_s": timing["times_s"],
@@ -128,9 +120,6 @@ def unet_costs(
                 }
             except torch.OutOfMemoryError as error:
                 record |= {"status": "oom", "error": str(error).splitlines()[0]}
-            finally:
-                del unet
-                release_memory(device)
         records.append(record)
     return records
 

@@ -465,18 +465,10 @@ def denoising_cost(
         if repeats < 1:  # FLOPs only
             records.append(record)
             continue
-        unet = None
         try:
-            torch.manual_seed(0)
-            with torch.device(device), quiet_diffusers():
-                unet = UNet2DConditionModel(**config).to(dtype).eval()
-            inputs = _unet_inputs(unet, batch, channels, side, device, dtype)
-
-            def evaluate(unet=unet, inputs=inputs):
-                with torch.inference_mode():
-                    unet(**inputs)
-
-            timing = _timed_calls(evaluate, device, warmup=warmup, repeats=repeats)
+            timing = time_unet(
+                config, batch, channels, side, device=device, dtype=dtype, warmup=warmup, repeats=repeats
+            )
             record |= {
                 "s_per_evaluation": timing["seconds"] / batch,
                 "s_min": timing["seconds_min"] / batch,
@@ -486,11 +478,42 @@ def denoising_cost(
             }
         except torch.OutOfMemoryError as error:
             record |= {"status": "oom", "error": str(error).splitlines()[0]}
-        finally:
-            del unet
-            release_memory(device)
         records.append(record)
     return records
+
+
+def time_unet(
+    config: dict,
+    batch: int,
+    channels: int,
+    side: int,
+    *,
+    device,
+    dtype: torch.dtype,
+    warmup: int,
+    repeats: int,
+) -> dict:
+    """Time one evaluation of a random-weight ``UNet2DConditionModel(**config)`` built on ``device``
+    (:func:`_timed_calls`'s dict; raises ``torch.OutOfMemoryError``, freeing the UNet first).
+    Used by :func:`denoising_cost` and the distillation chapter's :func:`labkit.distill.unet_costs`.
+    """
+    from diffusers import UNet2DConditionModel
+
+    unet = None
+    try:
+        torch.manual_seed(0)
+        with torch.device(device), quiet_diffusers():
+            unet = UNet2DConditionModel(**config).to(dtype).eval()
+        inputs = _unet_inputs(unet, batch, channels, side, device, dtype)
+
+        def evaluate(unet=unet, inputs=inputs):
+            with torch.inference_mode():
+                unet(**inputs)
+
+        return _timed_calls(evaluate, device, warmup=warmup, repeats=repeats)
+    finally:
+        del unet
+        release_memory(device)
 
 
 def vae_cost(
