@@ -5,9 +5,11 @@
    trained variant of it (``shapes_variants()``: e.g. ``vpred``, v-prediction on a cosine schedule).
 2. ``"twin:NAME"``: a real Stable Diffusion architecture with random weights (configs in
    ``labkit/twins/NAME.json``). Speed, memory and FLOPs are those of the real model; images are noise.
-3. a hub id or a local folder: plain ``from_pretrained``, for users who have the weights.
+3. a hub id or a local folder: plain ``from_pretrained`` (safetensors only), for users who have the weights.
 
-Explained in chapter 0 (set-up and baseline).
+Above the loader sit the two helpers every measurement shares: `generate`, the one way labkit calls a
+pipeline (a seed per image, so a picture does not depend on the batch or the device), and
+`unet_inputs`, random inputs for one call of a bare UNet.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from functools import cache
 from pathlib import Path
 
 import torch
+
+from labkit.devices import resolve_device
 
 TWINS_DIR = Path(__file__).parent / "twins"
 HUB_HOST = "huggingface.co"
@@ -56,32 +60,32 @@ def twin_config(name: str) -> dict:
     return config
 
 
-def default_device() -> str:
-    """``"cuda"`` when a CUDA GPU is present, else ``"cpu"``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_pipeline(
     source: str = "shapes",
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
+    variant: str | None = None,
 ):
     """Load a diffusers pipeline from ``source``: ``"shapes"`` (or a variant, ``"shapes:vpred"``),
     ``"twin:NAME"``, a folder or a hub id.
 
     The pipeline is the untouched baseline of diffusers' philosophy: full precision (fp32) unless
     ``dtype`` says otherwise, diffusers' default attention (PyTorch SDPA), the model's own scheduler.
-    ``seed`` only matters for twins: it draws their random weights. Every optimization is then an
-    explicit step (`labkit.apply`). Chapter 0 explains the three kinds of source.
+    ``seed`` only matters for twins: it draws their random weights. ``variant`` picks a folder's or
+    hub model's weight files saved with ``variant=`` (``"fp16"``: ``*.fp16.safetensors``). Every
+    optimization is then an explicit step (`labkit.apply`). Chapter 0 explains the three kinds of source.
     """
-    dtype = _as_dtype(dtype)
-    device = torch.device(device or default_device())
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if not isinstance(source, str) or not source.strip():
         raise SourceError(
-            "device='cuda' asked for, but no CUDA GPU is visible: use device='cpu' or leave it unset"
+            "no model source given: use 'shapes', a twin such as 'twin:sd15', a folder or a hub id"
         )
+    dtype = as_dtype(dtype)
+    try:
+        device = resolve_device(device)
+    except ValueError as error:
+        raise SourceError(str(error)) from None
     if source == "shapes":
         pipe = _load_shapes(dtype)
     elif source.startswith("shapes:"):
@@ -89,31 +93,36 @@ def load_pipeline(
     elif source.startswith("twin:"):
         pipe = _build_twin(source.removeprefix("twin:"), dtype, device, seed)
     else:
-        pipe = _load_pretrained(source, dtype)
+        pipe = _load_pretrained(source, dtype, variant)
     pipe.to(device)
     pipe.labkit_source = source
-    # what the model was trained with, so that custom_scheduler can warn about a mismatch
-    trained = pipe.scheduler.config
-    pipe.labkit_trained = {
-        "beta_schedule": trained.get("beta_schedule"),
-        "prediction_type": trained.get("prediction_type", "epsilon"),
-        "rescale_betas_zero_snr": bool(trained.get("rescale_betas_zero_snr", False)),
-    }
+    # the scheduler the model was trained with: every sampler swap starts from it, and custom_scheduler
+    # warns when asked for a schedule or prediction type the model was not trained with
+    pipe.labkit_scheduler_config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
     pipe.labkit_applied = []
     pipe.labkit_call = {}
     return pipe
 
 
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """``"float16"``, ``"fp16"``, ``torch.float16``, ... as a `torch.dtype` (None: float32)."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
-    names |= {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
-    return names[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[dtype]
 
 
 def _load_shapes(dtype: torch.dtype):
@@ -163,7 +172,27 @@ def _load_shapes_variant(name: str, dtype: torch.dtype):
     return StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=dtype, use_safetensors=True, **parts)
 
 
-def _load_pretrained(source: str, dtype: torch.dtype):
+def _check_folder(path: Path) -> None:
+    """Say exactly what is missing from a pipeline folder, before diffusers fails on it."""
+    index = path / "model_index.json"
+    if not index.exists():
+        raise SourceError(f"no diffusers pipeline folder at {path} (it needs a model_index.json)")
+    parts = [k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0]]
+    for part in parts:
+        folder = path / part
+        if not folder.is_dir():
+            raise SourceError(f"{path} names a {part!r} in model_index.json but has no {part}/ folder")
+        weights = list(folder.glob("*.safetensors"))
+        pickles = list(folder.glob("*.bin")) + list(folder.glob("*.ckpt")) + list(folder.glob("*.pt"))
+        if pickles and not weights:
+            raise SourceError(
+                f"{folder} holds only pickle weights ({pickles[0].name}): labkit loads safetensors only, "
+                "because unpickling runs code. Convert once with diffusers: "
+                f"Model.from_pretrained('{folder}').save_pretrained('{folder}', safe_serialization=True)"
+            )
+
+
+def _load_pretrained(source: str, dtype: torch.dtype, variant: str | None = None):
     from diffusers import DiffusionPipeline
 
     alternatives = (
@@ -171,25 +200,26 @@ def _load_pretrained(source: str, dtype: torch.dtype):
         + ", ".join(f"'twin:{n}'" for n in twin_names())
         + ")."
     )
+    options = {"dtype": dtype, "use_safetensors": True, "variant": variant}
     path = Path(source).expanduser()
     looks_local = source.startswith((".", "/", "~")) or path.exists() or source.count("/") != 1
     if looks_local:
-        if not (path / "model_index.json").exists():
-            raise SourceError(
-                f"no diffusers pipeline folder at {path} (it needs a model_index.json). {alternatives}"
-            )
-        return DiffusionPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        if not path.is_dir():
+            raise SourceError(f"no folder at {path}, and it is not a hub id (owner/name). {alternatives}")
+        try:
+            _check_folder(path)
+        except SourceError as error:
+            raise SourceError(f"{error}. {alternatives}") from None
+        return DiffusionPipeline.from_pretrained(path, **options)
     try:  # a copy already in the local hub cache works offline
-        return DiffusionPipeline.from_pretrained(
-            source, dtype=dtype, use_safetensors=True, local_files_only=True
-        )
+        return DiffusionPipeline.from_pretrained(source, local_files_only=True, **options)
     except (OSError, ValueError):
         pass
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
         raise SourceError(
             f"{source!r} is not in the local cache and the hub cannot be reached. {alternatives}"
         )
-    return DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True)
+    return DiffusionPipeline.from_pretrained(source, **options)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -316,11 +346,12 @@ def is_twin(pipe) -> bool:
 
 DEFAULT_PROMPT = "a small red circle at the top left"
 DEFAULTS = {"steps": 50, "guidance": 7.5, "batch": 1}
+"""What a generation uses when neither the call nor an applied preset says otherwise (SD 1.x's own)."""
 
 
 def call_settings(pipe, *, steps=None, size=None, batch=None, guidance=None) -> dict:
     """The settings of one generation: explicit arguments, else those the applied preset or optimizations
-    set (``pipe.labkit_call``), else the defaults (50 steps, guidance 7.5, batch 1, the native size)."""
+    set (``pipe.labkit_call``), else `DEFAULTS` and the native size."""
     preset = getattr(pipe, "labkit_call", {})
     given = {"steps": steps, "size": size, "batch": batch, "guidance": guidance}
     settings = {
@@ -341,24 +372,65 @@ def generate(
     batch: int | None = None,
     guidance: float | None = None,
     seed: int = 0,
+    chunk: int | None = None,
+    **call_kwargs,
 ):
-    """Generate images with ``pipe``; returns a float array (N, H, W, 3) in [0, 1] (NaN where fp16 overflowed).
+    """Generate images with ``pipe``: a float array (N, H, W, 3) in [0, 1] (NaN kept where fp16 overflowed).
 
-    One prompt is repeated ``batch`` times; a list of prompts is one batch. The noise comes from a CPU
-    generator seeded with ``seed``, so the same seed gives the same starting noise on every device.
-    Settings left unset come from `call_settings`. Used by every chapter and by `labkit.benchmark`.
+    One prompt is repeated ``batch`` times; a list of prompts is the batch. Image ``i`` starts from the
+    noise of a CPU generator seeded ``seed + i``, so a picture does not depend on the batch size, the
+    chunking or the device. ``chunk`` splits a long list into pipeline calls of at most that many
+    prompts. Settings left unset come from `call_settings`. Every measurement of labkit generates
+    through this function.
     """
+    import numpy as np
+
     settings = call_settings(pipe, steps=steps, size=size, batch=batch, guidance=guidance)
     prompts = prompt if isinstance(prompt, list) else [prompt or DEFAULT_PROMPT] * settings["batch"]
-    generator = torch.Generator("cpu").manual_seed(seed)
+    chunk = chunk or len(prompts)
+    out = []
     with torch.inference_mode():
-        output = pipe(
-            prompt=prompts,
-            num_inference_steps=settings["steps"],
-            guidance_scale=settings["guidance"],
-            height=settings["size"],
-            width=settings["size"],
-            generator=generator,
-            output_type="np",
-        )
-    return output.images
+        for start in range(0, len(prompts), chunk):
+            part = prompts[start : start + chunk]
+            generators = [torch.Generator("cpu").manual_seed(seed + start + j) for j in range(len(part))]
+            output = pipe(
+                prompt=part,
+                num_inference_steps=settings["steps"],
+                guidance_scale=settings["guidance"],
+                height=settings["size"],
+                width=settings["size"],
+                generator=generators,
+                output_type="np",
+                **call_kwargs,
+            )
+            out.append(np.asarray(output.images, dtype=np.float32))
+    return np.concatenate(out)
+
+
+def unet_inputs(
+    unet, *, side: int, batch: int = 1, device: str | torch.device | None = None, dtype=None
+) -> dict:
+    """Random keyword inputs for one call of a bare ``unet`` on ``batch`` latents of ``side`` x ``side``.
+
+    With classifier-free guidance a pipeline calls the UNet on twice its batch: pass ``2 * images``.
+    SDXL-style UNets also get their added conditions (pooled text embeddings, size ids). Works on the
+    "meta" device, where FLOPs can be counted without memory.
+    """
+    config = unet.config
+    weights = next(unet.parameters())
+    device = weights.device if device is None else device
+    dtype = weights.dtype if dtype is None else dtype
+    options = {"device": device, "dtype": dtype}
+    inputs = {
+        "sample": torch.randn(batch, config.in_channels, side, side, **options),
+        "timestep": torch.full((batch,), 500, device=device),
+        "encoder_hidden_states": torch.randn(batch, 77, config.cross_attention_dim, **options),
+    }
+    if config.addition_embed_type == "text_time":
+        time_ids = 6 * config.addition_time_embed_dim
+        pooled = config.projection_class_embeddings_input_dim - time_ids
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, **options),
+            "time_ids": torch.zeros(batch, 6, **options),
+        }
+    return inputs

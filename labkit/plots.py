@@ -1,9 +1,14 @@
-"""Figures drawn from result records (matplotlib). Every chapter's plots come from here."""
+"""Figures drawn from records (matplotlib): bars, lines, fit maps, image grids. Every chapter draws here.
+
+A figure that only one chapter needs lives in that chapter's module; these are the shared ones.
+"""
 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+
+from labkit.measurement import break_even_images, compile_seconds, measured
 
 LABELS = {
     "s_per_image": "seconds per image",
@@ -16,8 +21,6 @@ LABELS = {
 def bar(records: list[dict], metric: str = "s_per_image", *, title: str | None = None, ax=None):
     """A horizontal bar per record for ``metric``, with the min-max spread for times; rows without
     measurements (out of memory, unavailable here) are marked with their status."""
-    from labkit.measure import measured
-
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 0.45 * len(records) + 1.2))
     labels = [r["label"] for r in records]
@@ -83,7 +86,7 @@ def image_grid(
 
 
 # ===================================================================================================
-# Tier 2: memory, attention, compilation (chapters 4, 5 and 6)
+# Fits under memory caps, grouped bars, the break-even of compiling
 # ===================================================================================================
 
 STATUS_COLOURS = {
@@ -106,7 +109,7 @@ def fit_map(records: list[dict], *, title: str | None = None, ax=None):
     One row per configuration, one column per (size, cap); a cell is green when the configuration
     ran (seconds per image and peak GB written in it; "as under" names the smaller cap it was
     measured under), red when it ran out of memory, grey when it cannot run on this device. Drawn
-    from `labkit.measure.sweep` records.
+    from `labkit.scenarios.grid` records.
     """
     labels = list(dict.fromkeys(r["label"] for r in records))
     columns = list(dict.fromkeys((r.get("size"), r.get("memory_cap_gb")) for r in records))
@@ -201,12 +204,10 @@ LABELS.setdefault("attention_s", "seconds in attention per image generation")
 def break_even(records: list[dict], reference: str, *, images: int | None = None, ax=None):
     """Total time against the number of images, compile time included, per configuration (chapter 6).
 
-    Each line starts at the configuration's compile time (`labkit.measure.compile_seconds`) and grows
+    Each line starts at the configuration's compile time (`labkit.measurement.compile_seconds`) and grows
     by its seconds per image; where a compiled line crosses the ``reference`` line, compiling has paid
     for itself.
     """
-    from labkit.measure import break_even_images, compile_seconds
-
     ran = [r for r in records if r["status"] == "ok"]
     ref = next((r for r in ran if r["label"] == reference), None)
     if ax is None:
@@ -232,7 +233,7 @@ def break_even(records: list[dict], reference: str, *, images: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tier 1 chapters: samplers, latent diffusion and the VAE, numerics (labkit.tier1 makes the records)
+# Lines, image rows, FLOPs by kind, time by region
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -340,7 +341,7 @@ def time_breakdown(records: list[dict], *, ax=None, title: str | None = None):
     """One stacked bar per record: seconds per image in the text encoder, the UNet outside attention,
     attention, the VAE decode, and the rest of the wall time (on a GPU: time no kernel ran, i.e. launch
     gaps). Annotated with the GPU busy share when the record has one. Records come from
-    `labkit.tier1.where_time_goes`. Used in the numerics chapter."""
+    `labkit.profiling.time_breakdown`."""
     records = [r for r in records if r.get("status") == "ok"]
     if ax is None:
         _, ax = plt.subplots(figsize=(7.5, 0.5 * len(records) + 1.5))

@@ -1,8 +1,8 @@
 """Where the time goes: the share of a generation spent in the UNet, in attention, in the VAE, and how
 busy the GPU really is (torch.profiler).
 
-Used in the numerics chapter (batch 1 is launch-bound: the GPU idles between small kernels) and the
-attention chapter (attention's share of UNet time, which bounds what a faster attention can save).
+On a GPU, batch 1 is often launch-bound (the GPU idles between small kernels: a low ``busy_share``);
+attention's share of the UNet time bounds what a faster attention kernel can save.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from labkit.measure import synchronize
+from labkit.devices import synchronize
 from labkit.models import generate
 
 REGIONS = ("text_encoder", "unet", "attention", "vae_decode")

@@ -11,11 +11,12 @@ attribute (shape, colour, position, size), gives:
   download, and on 64 px shape drawings they would measure the wrong thing anyway. Our FID is on its own
   scale: compare it between configurations, never with published Inception FIDs;
 - :func:`psnr`: the pixel difference between two configurations run with the same seeds ("does fp16
-  change the picture").
+  change the picture");
+- :func:`wilson_interval`: the 95% interval of an accuracy measured on ``n`` images.
 
 :func:`evaluate` wraps them for a pipeline. Images everywhere are float numpy arrays in [0, 1], NHWC (what a
-diffusers pipeline returns with ``output_type="np"``); torch tensors NCHW in [0, 1] work too.
-Used in every chapter that reports quality; the metrics are explained in the quality chapter.
+diffusers pipeline returns with ``output_type="np"``); torch tensors NCHW in [0, 1] work too. The
+classifier is trained by `labkit.training.classifier` (``labkit train classifier``).
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from .shapes import CLASSIFIER_PATH
-from .shapes import data as shapes_data
+from labkit.models import generate, native_size
+from labkit.shapes import CLASSIFIER_PATH
+from labkit.shapes import data as shapes_data
 
 # ----------------------------------------------------------------------------------------------------------
 # the classifier
@@ -96,71 +98,11 @@ class ShapesFeatures(nn.Module):
         return self.classifier.embed(images)
 
 
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Nuisances a generated image may show and the labels ignore: blur, noise, a little contrast change."""
-    n = x.shape[0]
-    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    use_blur = (torch.rand(n, 1, 1, 1, generator=g) < 0.3).float()
-    x = use_blur * blurred + (1 - use_blur) * x
-    gain = 1.0 + 0.1 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
-    noise = 0.04 * torch.rand(n, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
-    return (x * gain + noise).clamp(0, 1)
-
-
 def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """NHWC numpy (or NCHW tensor) in [0, 1] -> float32 NCHW tensor."""
     if isinstance(images, torch.Tensor):
         return images.float()
     return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
-
-
-def train_classifier(
-    out: str | Path = CLASSIFIER_PATH,
-    steps: int = 2000,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    seed: int = 0,
-    device: str = "cpu",
-    eval_n: int = 4000,
-    progress: bool = True,
-) -> dict[str, float]:
-    """Train the shapes classifier on fresh procedural batches and save it (safetensors + config json).
-
-    Returns the held-out accuracy per attribute (on ``eval_n`` test-split images), also written to the json.
-    A few minutes on a CPU. Command: ``labkit train-shapes --stages classifier``. Used in the quality chapter.
-    """
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(seed)
-    model = ShapesClassifier().to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc="classifier", disable=not progress)
-    for step in bar:
-        batch = shapes_data.sample(batch_size, seed=seed * 1_000_003 + step, split="train")
-        x = _augment(to_tensor(batch.images), g).to(device)
-        logits = model(x)
-        loss = sum(
-            F.cross_entropy(logits[k], torch.from_numpy(v).to(device)) for k, v in batch.labels.items()
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    model.eval()
-    test = shapes_data.sample(eval_n, seed=seed + 12345, split="test")
-    accuracy = _attribute_accuracy_with(model, test.images, test.labels)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out))
-    info = dict(model.config, heldout_accuracy=accuracy, steps=steps, batch_size=batch_size, seed=seed)
-    info["train_seconds"] = round(time.perf_counter() - start, 1)
-    out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
-    return accuracy
 
 
 @lru_cache(maxsize=4)
@@ -178,7 +120,7 @@ def load_classifier(path: str | Path | None = None, device: str = "cpu") -> Shap
     """
     path = CLASSIFIER_PATH if path is None else Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: train it with `labkit train-shapes --stages classifier`")
+        raise FileNotFoundError(f"{path} not found: train it with `labkit train classifier`")
     return _cached_classifier(str(path), str(device))
 
 
@@ -202,7 +144,7 @@ def predict(
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def _attribute_accuracy_with(classifier, images, labels: dict[str, np.ndarray]) -> dict[str, float]:
+def attribute_accuracy_with(classifier, images, labels: dict[str, np.ndarray]) -> dict[str, float]:
     pred = predict(images, classifier)
     correct = {k: pred[k] == labels[k] for k in shapes_data.ATTRIBUTES}
     result = {k: float(v.mean()) for k, v in correct.items()}
@@ -213,11 +155,8 @@ def _attribute_accuracy_with(classifier, images, labels: dict[str, np.ndarray]) 
 def attribute_accuracy(
     images: np.ndarray | torch.Tensor, prompts: list[str], classifier: ShapesClassifier | None = None
 ) -> dict[str, float]:
-    """Accuracy per attribute ("shape", "color", "position", "size") and "all" (every attribute right).
-
-    Used in the quality chapter and wherever a chapter breaks prompt accuracy down.
-    """
-    return _attribute_accuracy_with(
+    """Accuracy per attribute ("shape", "color", "position", "size") and "all" (every attribute right)."""
+    return attribute_accuracy_with(
         classifier or load_classifier(), images, shapes_data.prompt_labels(prompts)
     )
 
@@ -225,10 +164,8 @@ def attribute_accuracy(
 def prompt_accuracy(
     images: np.ndarray | torch.Tensor, prompts: list[str], classifier: ShapesClassifier | None = None
 ) -> float:
-    """The fraction of images whose every attribute (shape, colour, position, size) matches the prompt.
-
-    Used in every chapter that reports quality (the lab's "does it still draw what was asked").
-    """
+    """The fraction of images whose every attribute (shape, colour, position, size) matches the prompt:
+    the lab's "does it still draw what was asked"."""
     return attribute_accuracy(images, prompts, classifier)["all"]
 
 
@@ -243,7 +180,6 @@ def fid(
     Lower is better; 0 only for identical feature statistics. Two independent sets of *real* images still
     score above 0 (finite-sample bias): about 16 at 600 images per side, 5.5 at 2000, while the same real
     images with their colour channels rotated score about 65. Compare configurations at equal ``n``.
-    Used in the quality chapter and the monitoring chapter.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -259,7 +195,7 @@ def fid(
 def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
     """Mean PSNR in dB between two image sets in [0, 1] (pairwise, e.g. fp32 vs fp16 with the same seeds).
 
-    Identical pairs count as 100 dB. Used in the precision chapter ("does fp16 change the picture").
+    Identical pairs count as 100 dB: "does fp16 change the picture".
     """
     a = to_tensor(a).double()
     b = to_tensor(b).double()
@@ -275,34 +211,7 @@ def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 4.0
-
-
-def generate(
-    pipe,
-    prompts: list[str],
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
-    seed: int = 0,
-    batch_size: int = 100,
-    **kwargs,
-) -> np.ndarray:
-    """Images for ``prompts`` (float NHWC in [0, 1]); image i uses the seed ``seed + i`` on a CPU generator,
-    so a picture does not depend on the batch size or the device. Used by :func:`evaluate`.
-    """
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed + i + j) for j in range(len(chunk))]
-        result = pipe(
-            chunk,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generators,
-            output_type="np",
-            **kwargs,
-        )
-        out.append(np.asarray(result.images, dtype=np.float32))
-    return np.concatenate(out)
+"""The shapes model's own sampling settings (DPM-Solver++ at 20 steps, guidance 4): what it was tuned for."""
 
 
 def evaluate(
@@ -318,14 +227,16 @@ def evaluate(
     """Generate for ``n`` held-out prompts with the pipeline's current scheduler and score the images.
 
     Returns ``{"prompt_accuracy", "accuracy": {per attribute}, "fid", "n", "steps", "guidance",
-    "seconds"}`` (and ``"images"`` if asked). FID is against real held-out images of the same prompts.
-    Used in every chapter that reports quality.
+    "seconds"}`` (and ``"images"`` if asked). FID is against real held-out images of the same prompts;
+    image ``i`` starts from seed ``seed + i`` (`labkit.generate`), so configurations compare like for like.
     """
     held = shapes_data.heldout(n, seed=seed)
     start = time.perf_counter()
+    # at the model's own size: a preset's large size (1024 px) is about speed, not what the classifier reads
     images = generate(
-        pipe, held.prompts, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, **kwargs
-    )
+        pipe, held.prompts, steps=steps, size=native_size(pipe), guidance=guidance, seed=seed,
+        chunk=batch_size, **kwargs,
+    )  # fmt: skip
     seconds = time.perf_counter() - start
     accuracy = attribute_accuracy(images, held.prompts)
     result = {
@@ -342,3 +253,15 @@ def evaluate(
         result["images"] = images
         result["prompts"] = held.prompts
     return result
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a proportion ``p`` measured on ``n`` images.
+
+    Unlike ``p +- z * sqrt(p(1-p)/n)`` it stays inside [0, 1] and is not zero-width at 0 or 1.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be >= 1, not {n}")
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
