@@ -120,7 +120,9 @@ def load_classifier(path: str | Path | None = None, device: str = "cpu") -> Shap
     """
     path = CLASSIFIER_PATH if path is None else Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: train it with `labkit train classifier`")
+        raise FileNotFoundError(
+            f"{path} not found: train it with `labkit train classifier --export labkit/shapes`"
+        )
     return _cached_classifier(str(path), str(device))
 
 
@@ -253,6 +255,42 @@ def evaluate(
         result["images"] = images
         result["prompts"] = held.prompts
     return result
+
+
+def reconstruct(vae, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Encode (posterior mode) and decode ``images`` (NHWC in [0, 1]) with ``vae``; NHWC in [0, 1]."""
+    device = next(vae.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size], dtype=np.float32))
+            x = x.permute(0, 3, 1, 2).to(device, next(vae.parameters()).dtype) * 2 - 1  # the VAE's [-1, 1]
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+            out.append((y.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def reconstruction_psnr(vae, n: int = 500, seed: int = 0) -> float:
+    """Mean PSNR (dB) of ``vae``'s reconstructions of ``n`` held-out real shapes images."""
+    images = shapes_data.heldout(n, seed=seed).images
+    return psnr(images, reconstruct(vae, images))
+
+
+def encoder_fingerprint(vae) -> str:
+    """A short hash of a VAE's encoder weights (encoder and ``quant_conv``).
+
+    Equal for VAEs that share a latent space, such as a VAE and its tuned-decoder variant.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for module in (vae.encoder, vae.quant_conv):
+        if module is None:
+            continue
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -2,7 +2,7 @@
 
 A real (tiny) Stable Diffusion pipeline that draws "a small red circle at the top left", shipped inside the
 package so that every chapter runs offline and its quality numbers mean something (see
-:mod:`labkit.quality`). Used in the shapes chapter; ``labkit.load_pipeline("shapes")`` loads ``MODEL_DIR``.
+:mod:`labkit.quality`). ``labkit.load_pipeline("shapes")`` loads ``MODEL_DIR``; ``labkit train shapes`` trains it.
 """
 
 from pathlib import Path

@@ -9,7 +9,7 @@
 - **UNet**: a ``UNet2DConditionModel`` going down 16x16 -> 1x1, cross-attention to the text at 4x4, 2x2, 1x1.
 - **scheduler**: SD 1.5's own ``PNDMScheduler`` config, so the lab's samplers behave as on SD.
 
-Used in the shapes chapter; :func:`build_pipeline` gives an untrained pipeline of any :class:`ModelConfig`.
+:func:`build_pipeline` gives an untrained pipeline of any :class:`ModelConfig` (the trainers start from it).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def build_unet(cfg: ModelConfig) -> UNet2DConditionModel:
     than the first design (16 -> 8 -> 4, cross-attention at 8x8 and 4x4): 0.32 s vs 0.66 s per training step
     of 32 on one CPU thread. That first design put shapes at random places (position accuracy 0.12, chance
     0.11) after 3300 steps, but it also trained the text encoder jointly, which erased the position words
-    (see :mod:`labkit.shapes.train`), so the architecture change alone was not measured.
+    (see `labkit.training.shapes`), so the architecture change alone was not measured.
     """
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.unet_cross_attention)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.unet_cross_attention))

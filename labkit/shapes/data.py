@@ -16,7 +16,7 @@ The prompt reads "a small red circle at the top left". Rendering is vectorised n
 (a clipped signed distance), so a batch of 256 images takes a few milliseconds.
 
 The held-out split is fixed: ``split="test"`` draws from its own seed stream, disjoint from ``"train"``.
-Used in the shapes chapter and, through :mod:`labkit.quality`, in every chapter that measures quality.
+Used by the trainers and, through :mod:`labkit.quality`, by every chapter that measures quality.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def render(labels: dict[str, np.ndarray], rng: np.random.Generator, size: int = 
 def sample(n: int, seed: int = 0, split: str = "train", size: int = IMAGE_SIZE) -> ShapesBatch:
     """Draw ``n`` random images with their prompts, deterministic in (seed, split).
 
-    Used in the shapes chapter and by the training loop and the quality metrics.
+    Used by the training loop and the quality metrics.
     """
     if split not in _SPLIT_KEY:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")

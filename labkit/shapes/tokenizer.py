@@ -6,7 +6,7 @@ two special tokens ``<|startoftext|>`` and ``<|endoftext|>`` (also the padding t
 other English text still tokenizes (into characters), so a prompt outside the data does not crash.
 
 Load the result with ``CLIPTokenizer.from_pretrained(folder)``: with transformers 5,
-``CLIPTokenizer(vocab_file=..., merges_file=...)`` silently ignores the files. Used in the shapes chapter.
+``CLIPTokenizer(vocab_file=..., merges_file=...)`` silently ignores the files.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
 def fit_tokenizer(folder: str | Path, prompts: list[str] | None = None) -> CLIPTokenizer:
     """Write a CLIP-format tokenizer for the prompt vocabulary into ``folder`` and load it.
 
-    Every word of ``prompts`` (default: all shapes prompts) becomes one token. Used in the shapes chapter.
+    Every word of ``prompts`` (default: all shapes prompts) becomes one token.
     """
     folder = Path(folder)
     base = list(bytes_to_unicode().values())

@@ -1,4 +1,12 @@
-"""Figures of the shapes data and of what a shapes pipeline draws. Used in the shapes chapter."""
+"""The sample page of the shapes data or of a trained pipeline: one image per prompt kind.
+
+``labkit/shapes/samples.png`` is this page for the shipped model, drawn after training it::
+
+    from labkit.models import load_pipeline
+    from labkit.training.samples import sample_page
+
+    sample_page(load_pipeline("shapes"), path="labkit/shapes/samples.png")
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data
+from labkit.models import generate
+from labkit.quality import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from labkit.shapes import data
 
 
 def page_prompts() -> list[str]:
@@ -32,9 +42,10 @@ def sample_page(
 ):
     """One image for every prompt kind on one page (15 rows of shape x colour, 18 columns of size x position).
 
-    With ``pipe`` the images are generated (one seed per image, see :func:`labkit.quality.generate`);
-    without, they are real procedural images, for comparison; or pass ``images`` in :func:`page_prompts`
-    order. Returns the matplotlib Figure (also saved to ``path`` if given). Used in the shapes chapter.
+    With ``pipe`` the images are generated (image ``i`` from seed ``seed + i``, `labkit.models.generate`;
+    the model's own settings, 20 steps and guidance 4, unless given); without, they are real procedural
+    images, for comparison; or pass ``images`` in `page_prompts` order. Returns the matplotlib Figure (also
+    saved to ``path`` if given).
     """
     import matplotlib.pyplot as plt
 
@@ -44,14 +55,11 @@ def sample_page(
             images = data.images_for_prompts(prompts, seed=seed, split="test")
             title = title or "real images (the procedural data)"
         else:
-            from .. import quality
-
-            kwargs = {}
-            if steps is not None:
-                kwargs["steps"] = steps
-            if guidance is not None:
-                kwargs["guidance"] = guidance
-            images = quality.generate(pipe, prompts, seed=seed, **kwargs)
+            images = generate(
+                pipe, prompts, seed=seed, chunk=100,
+                steps=DEFAULT_STEPS if steps is None else steps,
+                guidance=DEFAULT_GUIDANCE if guidance is None else guidance,
+            )  # fmt: skip
     rows = len(data.SHAPES) * len(data.COLORS)
     cols = len(data.SIZES) * len(data.POSITIONS)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.75, rows * 0.75 + 0.9), squeeze=False)
