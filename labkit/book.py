@@ -25,7 +25,10 @@ import torch
 from labkit._version import __version__
 from labkit.devices import device_name, resolve_device
 from labkit.measurement import measured
+from labkit.optimizations import OPTIMIZATIONS, PRESETS, Change, step_problem
+from labkit.optimizations.registry import SAMPLER
 from labkit.records import Store
+from labkit.scenarios import Scenario
 
 # --------------------------------------------------------------------------------------------------
 # Profiles
@@ -471,3 +474,146 @@ class Verdict:
 def verdict(rows: Iterable[dict], *, device: str = "", title: str = "Verdict") -> Verdict:
     """Build a chapter's verdict box from rows of ``claim``, ``claimed``, ``measured``, ``verdict``."""
     return Verdict(rows=list(rows), device=device, title=title)
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets as a profile allows (the decision matrix and the complete stack, chapters 10 and 11)
+# --------------------------------------------------------------------------------------------------
+
+GUIDE_STEPS = 50
+"""The guide's reference step count: a profile's ``steps`` stands for it (`scale_steps`)."""
+
+
+def scale_steps(steps: int, profile: Profile) -> int:
+    """The guide's step count ``steps`` on ``profile``: ``steps * P.steps / 50`` (the identity on ``gpu``)."""
+    return max(1, round(steps * profile.steps / GUIDE_STEPS))
+
+
+@dataclass(frozen=True)
+class PresetPlan:
+    """A preset as a profile allows it on one source (`adapt_preset`): the optimizations that run, the
+    call settings, what was adapted to the profile, and the steps dropped, each an ``unavailable``
+    `Change` with its reason."""
+
+    preset: str
+    source: str | None
+    steps: list[tuple[str, dict]]
+    call: dict
+    adapted: list[str]
+    dropped: list[Change]
+
+    @property
+    def notes(self) -> dict:
+        """What a record of the plan says about it: the preset, what was adapted, what could not run."""
+        unavailable = [str(c) for c in self.dropped]
+        return {"preset": self.preset, "adapted": list(self.adapted), "unavailable": unavailable}
+
+    @property
+    def steps_per_image(self) -> int | None:
+        """Denoising steps: the call's, else the sampler's (None: the model's default)."""
+        samplers = [o["steps"] for n, o in self.steps if OPTIMIZATIONS[n].stage == SAMPLER and "steps" in o]
+        return self.call.get("steps", samplers[-1] if samplers else None)
+
+
+def adapt_preset(preset: str, profile: Profile, source: str | None = None) -> PresetPlan:
+    """Preset ``preset`` as ``profile`` allows it on ``source``; nothing is dropped silently.
+
+    Step counts are scaled by ``P.steps / 50`` (`scale_steps`); fp16 becomes bf16 where that is the
+    profile's reduced precision; the guide's large size and batch become ``P.large_size`` and the
+    largest of ``P.batch_sizes``. A step that cannot run is dropped with its reason: ``torch_compile``
+    where ``P.compile`` is off, and any step whose needs are missing here, on the profile's device or
+    on ``source`` (`labkit.optimizations.step_problem`), so that a scenario asks only for what runs.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    spec = PRESETS[preset]
+    steps, dropped, adapted = [], [], []
+    for name, options in spec.steps:
+        options = dict(options)
+        if "steps" in options and profile.steps != GUIDE_STEPS:
+            new = scale_steps(options["steps"], profile)
+            adapted.append(f"{name} steps {options['steps']} -> {new} (x P.steps/{GUIDE_STEPS})")
+            options["steps"] = new
+        if name == "fp16" and profile.half_dtype == "bfloat16":
+            adapted.append("fp16 -> bf16 (the profile's reduced precision, P.half_dtype)")
+            name = "bf16"
+        if name == "torch_compile" and not profile.compile:
+            problem = f"profile {profile.name} has compilation off (P.compile is False: minutes here)"
+        else:
+            problem = step_problem(name, source=source)
+            if problem is None and "cuda" in OPTIMIZATIONS[name].needs and "cuda" not in str(profile.device):
+                problem = f"needs a CUDA GPU; profile {profile.name} runs on {profile.device}"
+        if problem is not None:
+            dropped.append(Change(name, "unavailable", problem, options))
+        else:
+            steps.append((name, options))
+    call = dict(spec.call)
+    if "steps" in call and profile.steps != GUIDE_STEPS:
+        adapted.append(f"steps {call['steps']} -> {scale_steps(call['steps'], profile)}")
+        call["steps"] = scale_steps(call["steps"], profile)
+    if call.get("size", 0) > profile.size and call["size"] != profile.large_size:
+        adapted.append(f"size {call['size']} -> {profile.large_size} (P.large_size)")
+        call["size"] = profile.large_size
+    if call.get("batch", 1) > max(profile.batch_sizes):
+        adapted.append(f"batch {call['batch']} -> {max(profile.batch_sizes)} (largest of P.batch_sizes)")
+        call["batch"] = max(profile.batch_sizes)
+    # in the order apply() runs them, as a record lists the steps that could not run
+    dropped.sort(key=lambda c: OPTIMIZATIONS[c.name].stage)
+    return PresetPlan(preset, source, steps, call, adapted, dropped)
+
+
+def preset_scenario(
+    plan: PresetPlan, profile: Profile, *, kind: str = "generate", label: str | None = None, **fields
+) -> Scenario:
+    """A scenario of ``plan`` on its source; its record carries ``plan.notes``.
+
+    ``kind="generate"`` times a generation at the plan's size (else ``P.size``), steps, batch (else 1)
+    and guidance, ``P.repeats`` after ``P.warmup``; ``kind="quality"`` scores ``P.quality_images``
+    held-out prompts at the plan's steps and guidance, generated in chunks of its batch. ``fields``
+    override the scenario's fields (``batch``, ``size``, ``memory_cap_gb``...).
+    """
+    steps = plan.steps_per_image
+    common = {
+        "kind": kind,
+        "source": plan.source,
+        "optimizations": tuple(plan.steps),
+        "guidance": plan.call.get("guidance"),
+        "label": label or plan.preset,
+        "notes": plan.notes,
+    }
+    if kind == "quality":
+        batch = plan.call.get("batch")
+        common |= {
+            "steps": steps or scale_steps(GUIDE_STEPS, profile),
+            "n": profile.quality_images,
+            "options": {} if batch is None else {"chunk": batch},
+        }
+    else:
+        common |= {
+            "steps": steps,
+            "size": plan.call.get("size", profile.size),
+            "batch": plan.call.get("batch", 1),
+            "repeats": profile.repeats,
+            "warmup": profile.warmup,
+        }
+    return Scenario(**(common | fields))
+
+
+def plan_table(plans: Sequence[PresetPlan]) -> Any:
+    """What each plan runs: its optimizations, its call settings, what was adapted or dropped."""
+    import pandas as pd
+
+    def options(values: dict) -> str:
+        return ", ".join(f"{k}={v}" for k, v in values.items())
+
+    rows = [
+        {
+            "preset": plan.preset,
+            "optimizations": ", ".join(n + (f"({options(o)})" if o else "") for n, o in plan.steps),
+            "call": options(plan.call),
+            "adapted to the profile": "; ".join(plan.adapted) or "-",
+            "dropped": "; ".join(f"{c.name}: {c.what}" for c in plan.dropped) or "-",
+        }
+        for plan in plans
+    ]
+    return pd.DataFrame(rows)

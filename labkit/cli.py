@@ -6,6 +6,7 @@
     labkit compare base.jsonl new.jsonl --time-tolerance 0.1   exit 1 if new is slower or worse
     labkit evaluate --model shapes --sampler "DPM++ 2M:20"   prompt accuracy and FID on shapes
     labkit lab --profile ci                         execute the chapters and build the book
+    labkit scale --prompt P --out DIR               (under accelerate launch) prompts across processes
     labkit train shapes --preset cpu                train the shapes model (and its variants)
 
 Every argument is checked before any model loads: a bad one exits 2 with the valid range.
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``labkit`` argument parser, all subcommands included."""
     from labkit.compare import add_compare_arguments
     from labkit.runner import add_lab_arguments
+    from labkit.scale import add_arguments as add_scale_arguments
 
     parser = argparse.ArgumentParser(
         prog="labkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     lab = commands.add_parser("lab", help="execute the chapters and build the book")
     add_lab_arguments(lab)
+
+    scale = commands.add_parser(
+        "scale", help="prompts split across processes, one per GPU (run it under accelerate launch)"
+    )
+    add_scale_arguments(scale)
 
     train = commands.add_parser("train", help="train the shapes model, its classifier or a variant")
     _add_train(train)
@@ -310,12 +317,19 @@ def _compare(args) -> int:
     return compare_command(args)
 
 
+def _scale(args) -> int:
+    from labkit.scale import command
+
+    return command(args)
+
+
 COMMANDS = {
     "doctor": _doctor,
     "bench": _bench,
     "compare": _compare,
     "evaluate": _evaluate,
     "lab": _lab,
+    "scale": _scale,
     "train": _train,
 }
 

@@ -5,14 +5,16 @@ pipeline on its own device (``PartialState().device``: ``cuda:0``, ``cuda:1``, .
 contiguous share of the prompts with ``PartialState().split_between_processes``, generates each image
 with its own seed (so an image does not depend on the number of processes or on which process made
 it), and ``accelerate.utils.gather_object`` brings every process's images and records back to all
-processes, which put them in the original order. The command line::
+processes, which put them in the original order. The command line is ``labkit scale`` (`command`)::
 
-    accelerate launch --multi_gpu --num_processes 8 -m labkit.scale --source twin:sd15 \\
+    accelerate launch --multi_gpu --num_processes 8 -m labkit.cli scale --source twin:sd15 \\
         --prompt "a red circle" --prompt "a blue square" --steps 20 --out /tmp/scaled  # 8 GPUs
 
-    accelerate launch --multi_gpu --num_processes 2 -m labkit.scale --cpu ...  # 2 CPU processes
+    accelerate launch --multi_gpu --num_processes 2 -m labkit.cli scale --cpu ...  # 2 CPU processes
 
-writes ``images.npy`` (N, H, W, 3 in prompt order) and ``records.jsonl`` from the main process.
+It writes ``images.npy`` (N, H, W, 3 in prompt order) and ``records.jsonl`` from the main process.
+`launch_command` builds such a command, `run_launched` runs it in a subprocess and reads back what it
+wrote, `images_per_second` reads a run's speed from its records.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from labkit.models import generate, load_pipeline
+from labkit.optimizations import apply
 
 
 def _state(cpu: bool = False):
@@ -67,8 +72,6 @@ def generate_split(
     """
     from accelerate.utils import gather_object
 
-    import labkit
-
     if not prompts:
         raise ValueError("no prompts: give at least one")
     seeds = seeds_for(prompts, seeds)
@@ -78,16 +81,16 @@ def generate_split(
     # the CPU as "cpu", not the "cpu:0" a launched CPU process gets: diffusers computes with "cpu:0"
     # in a slightly different way (images differ by about 1e-5), and they should not depend on that
     device = "cpu" if state.device.type == "cpu" else state.device
-    pipe = labkit.load_pipeline(source, device=device, dtype=dtype)
+    pipe = load_pipeline(source, device=device, dtype=dtype)
     if preset is not None:
-        labkit.apply(pipe, preset)
+        apply(pipe, preset)
     pipe.set_progress_bar_config(disable=True)
     jobs = list(enumerate(zip(prompts, seeds, strict=True)))
     mine = []
     with state.split_between_processes(jobs) as share:
         for index, (prompt, seed) in share:
             start = time.perf_counter()
-            image = labkit.generate(pipe, [prompt], steps=steps, guidance=guidance, size=size, seed=seed)
+            image = generate(pipe, [prompt], steps=steps, guidance=guidance, size=size, seed=seed)
             record = {
                 "index": index,
                 "prompt": prompt,
@@ -109,7 +112,7 @@ def generate_split(
 
 
 def save(out: str | os.PathLike, images: np.ndarray, records: Sequence[dict]) -> Path:
-    """Write ``images.npy`` and ``records.jsonl`` into folder ``out`` (the CLI's output)."""
+    """Write ``images.npy`` and ``records.jsonl`` into folder ``out`` (what ``labkit scale`` writes)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "images.npy", images)
@@ -120,13 +123,13 @@ def save(out: str | os.PathLike, images: np.ndarray, records: Sequence[dict]) ->
 def launch_command(
     args: Sequence[str], *, processes: int = 2, cpu: bool = True, port: int | None = None
 ) -> list[str]:
-    """The ``accelerate launch`` command that runs ``python -m labkit.scale ARGS`` on ``processes``
-    processes, one per GPU, or on the CPU when ``cpu``.
+    """The ``accelerate launch`` command that runs ``labkit scale ARGS`` on ``processes`` processes, one
+    per GPU, or on the CPU when ``cpu``.
 
     With accelerate 1.x, ``accelerate launch --cpu --num_processes 2`` starts *one* process (its
     multi-CPU launch goes through ``mpirun`` and a hostfile). Several CPU processes come from the same
     launcher as several GPUs, ``--multi_gpu`` (torchrun underneath), with ``--cpu`` passed to our
-    script instead: ``PartialState(cpu=True)`` then joins a gloo process group on the CPU.
+    command instead: ``PartialState(cpu=True)`` then joins a gloo process group on the CPU.
     """
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -137,7 +140,7 @@ def launch_command(
         args = [*args, "--cpu"] if "--cpu" not in args else list(args)
     if port is not None:
         command += ["--main_process_port", str(port)]
-    return [*command, "-m", "labkit.scale", *args]
+    return [*command, "-m", "labkit.cli", "scale", *args]
 
 
 def free_port() -> int:
@@ -163,7 +166,7 @@ def run_launched(
 ) -> tuple[np.ndarray, list[dict]]:
     """Run `generate_split` under ``accelerate launch`` in a subprocess and read back what it wrote.
 
-    Spawns ``processes`` processes (the chapter and the test use it with 2 CPU processes). Raises
+    Spawns ``processes`` processes (chapter 13 and the tests use it with 2 CPU processes). Raises
     with the launched command's output when it fails.
     """
     import subprocess
@@ -187,14 +190,6 @@ def run_launched(
     return np.load(out / "images.npy"), records
 
 
-def order_table(records: Sequence[dict]):
-    """Which process made each image, in prompt order (chapter 13)."""
-    import pandas as pd
-
-    columns = ["index", "prompt", "seed", "process", "num_processes", "device", "seconds"]
-    return pd.DataFrame([{c: r.get(c) for c in columns} for r in records])
-
-
 def images_per_second(records: Sequence[dict]) -> float:
     """Images per second of a run from its records: the images over the busiest process's seconds
     (the processes run side by side, so the slowest one sets the wall time; loading excluded)."""
@@ -204,56 +199,8 @@ def images_per_second(records: Sequence[dict]) -> float:
     return len(records) / max(busy.values())
 
 
-def verdict_rows(
-    images: np.ndarray,
-    records: Sequence[dict],
-    single: np.ndarray,
-    single_records: Sequence[dict],
-    *,
-    gpus: int,
-) -> list[dict]:
-    """Verdict rows of chapter 13: order kept, images independent of the process count, and the
-    speed-up of N processes over one (measurable only with one GPU per process)."""
-    from labkit.lab import judge
-
-    order = [r["index"] for r in records]
-    in_order = order == list(range(len(single_records)))
-    shares = ", ".join(f"{r['index']}:{r['process']}" for r in records)
-    same = images.shape == single.shape and bool(np.array_equal(images, single))
-    gap = float(np.abs(images - single).max()) if images.shape == single.shape else float("nan")
-    n = records[0]["num_processes"] if records else 0
-    rows = [
-        {
-            "claim": "images come back in the order of the prompts",
-            "claimed": "index i is prompt i",
-            "measured": f"indices {order}; image:process {shares}",
-            "verdict": "holds" if in_order else "does not hold",
-        },
-        {
-            "claim": f"{n} processes give the images of 1 process",
-            "claimed": "identical",
-            "measured": "identical" if same else f"largest difference {gap:.3g}",
-            "verdict": "holds" if same else "does not hold",
-        },
-    ]
-    speedup = images_per_second(records) / images_per_second(single_records)
-    on_gpus = str(records[0].get("device", "")).startswith("cuda") if records else False
-    rows.append(
-        {
-            "claim": f"{n} GPUs make {n}× the images per second",
-            "claimed": f"{n}×",
-            "measured": f"{speedup:.2f}× ({n} processes on {records[0].get('device') if records else '-'})",
-            "verdict": judge(speedup, n * 0.8, n)
-            if on_gpus and gpus >= n
-            else "not measurable on this device",
-        }
-    )
-    return rows
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m labkit.scale`` (under ``accelerate launch``): generate, gather, save on the main process."""
-    parser = argparse.ArgumentParser(prog="labkit.scale", description=main.__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``labkit scale`` (wired into `labkit.cli`)."""
     parser.add_argument("--source", default="shapes", help="shapes, twin:NAME, a folder or hub id")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat the flag)")
     parser.add_argument("--seed", action="append", type=int, help="one per prompt (default: 0, 1, ...)")
@@ -265,18 +212,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if GPUs are visible")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
     parser.add_argument("--out", required=True, help="folder for images.npy and records.jsonl")
-    a = parser.parse_args(argv)
+
+
+def command(args: argparse.Namespace) -> int:
+    """``labkit scale`` (under ``accelerate launch``): generate, gather, save on the main process."""
     images, records = generate_split(
-        a.source, a.prompt, a.seed, steps=a.steps, guidance=a.guidance, size=a.size, dtype=a.dtype,
-        preset=a.preset, cpu=a.cpu, threads=a.threads,
+        args.source, args.prompt, args.seed, steps=args.steps, guidance=args.guidance, size=args.size,
+        dtype=args.dtype, preset=args.preset, cpu=args.cpu, threads=args.threads,
     )  # fmt: skip
-    state = _state(a.cpu)
+    state = _state(args.cpu)
     if state.is_main_process:
-        save(a.out, images, records)
-        print(f"{len(records)} images from {state.num_processes} process(es) -> {a.out}")
+        save(args.out, images, records)
+        print(f"{len(records)} images from {state.num_processes} process(es) -> {args.out}")
     state.wait_for_everyone()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
