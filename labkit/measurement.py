@@ -42,6 +42,8 @@ class Result:
 
     def __repr__(self) -> str:
         r = self.record
+        if r["status"] == "oom":
+            return f"Result({r['label']!r}: out of memory)"
         if r.get("s_per_image") is None:
             return f"Result({r['label']!r}: status {r['status']})"
         return f"Result({r['label']!r}: {r['s_per_image']:.3f} s/image, status {r['status']})"
@@ -332,7 +334,7 @@ def unet_cost(
 ) -> dict:
     """Parameters and FLOPs (counted on "meta") of one evaluation of ``UNet2DConditionModel(**config)`` on
     ``batch`` latents of ``side`` x ``side``; with ``repeats`` > 0 also its time, with random weights on
-    ``device`` (raises ``torch.OutOfMemoryError`` after freeing the UNet)."""
+    ``device``. Out of memory while timing keeps the counts and adds ``status="oom"`` and the error."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
@@ -357,6 +359,8 @@ def unet_cost(
                 unet(**inputs)
 
         return out | time_calls(evaluate, device, warmup=warmup, repeats=repeats)
+    except torch.OutOfMemoryError as error:  # the counts stand: keep them beside the failure
+        return out | failure(error)
     finally:
         del unet
         release_memory(device)
@@ -366,7 +370,8 @@ def vae_cost(
     config: dict, *, part: str, size: int, device, dtype: torch.dtype, repeats: int, warmup: int
 ) -> dict:
     """FLOPs (counted on "meta") and time of ``AutoencoderKL(**config)`` encoding (``part="encode"``) or
-    decoding one ``size`` px image, with random weights on ``device``."""
+    decoding one ``size`` px image, with random weights on ``device``. Out of memory while timing keeps
+    the counts and adds ``status="oom"`` and the error."""
     from diffusers import AutoencoderKL
 
     if part not in ("encode", "decode"):
@@ -391,6 +396,8 @@ def vae_cost(
             vae = AutoencoderKL(**config).to(dtype).eval()
         x = torch.randn(shape, device=device, dtype=dtype)
         return out | time_calls(lambda vae=vae: run(vae, x), device, warmup=warmup, repeats=repeats)
+    except torch.OutOfMemoryError as error:  # the counts stand: keep them beside the failure
+        return out | failure(error)
     finally:
         del vae
         release_memory(device)

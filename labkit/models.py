@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from labkit.devices import resolve_device
+from labkit.records import shown
 
 TWINS_DIR = Path(__file__).parent / "twins"
 HUB_HOST = "huggingface.co"
@@ -132,7 +133,7 @@ def _load_shapes(dtype: torch.dtype):
 
     if not (Path(MODEL_DIR) / "model_index.json").exists():
         raise SourceError(
-            f"the embedded 'shapes' model is missing from {MODEL_DIR}. Train it with `labkit train-shapes`, "
+            f"the embedded 'shapes' model is missing from {shown(MODEL_DIR)}. Train it with `labkit train shapes`, "
             "or use a twin such as 'twin:sd15' for speed and memory."
         )
     return StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=dtype, use_safetensors=True)

@@ -26,6 +26,17 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+_PROJECT = Path(__file__).resolve().parent.parent
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as a record or a message shows it: relative to the folder holding the labkit package when
+    it lies inside it (``labkit/shapes/variants/qat``), so that records carry no path of one machine."""
+    try:
+        return str(Path(path).resolve().relative_to(_PROJECT))
+    except ValueError:
+        return str(path)
+
 
 class RecordsError(ValueError):
     """A records file that cannot be read or written; the message says which file and what to do."""

@@ -24,6 +24,7 @@ import copy
 import functools
 import hashlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -87,6 +88,7 @@ class Scenario:
     def steps_list(self) -> str | list[tuple[str, dict]]:
         """The optimizations in canonical form: a preset name, or checked ``(name, options)`` pairs."""
         if isinstance(self.optimizations, str):
+            check_steps(self.optimizations)  # a known preset
             return self.optimizations
         return check_steps(list(self.optimizations))
 
@@ -251,9 +253,7 @@ def _quality(scenario: Scenario, pipe, device) -> dict:
     }
     if "reference" in scenario.options:
         reference = Scenario(**scenario.options["reference"])
-        if reference.key == scenario.key:
-            theirs = images
-        elif reference.key in _IMAGES:
+        if reference.key in _IMAGES:
             theirs = _IMAGES[reference.key]
         else:  # measured in an earlier run (the store had it): generate its images again, once
             base = _build(reference, device)
@@ -287,7 +287,7 @@ def _unet_cost(scenario: Scenario, pipe, device) -> dict:
         repeats=scenario.repeats,
         warmup=scenario.warmup,
     )
-    return {"source": scenario.source, "status": "ok", "size": scenario.size, "dtype": scenario.dtype, **cost}
+    return {"source": scenario.source, "status": "ok", "size": scenario.size, "dtype": scenario.dtype} | cost
 
 
 @measurer("vae_cost", pipeline=False, device_independent=_costs_only)
@@ -307,7 +307,7 @@ def _vae_cost(scenario: Scenario, pipe, device) -> dict:
         repeats=scenario.repeats,
         warmup=scenario.warmup,
     )
-    return {"source": scenario.source, "status": "ok", "size": scenario.size, "dtype": scenario.dtype, **cost}
+    return {"source": scenario.source, "status": "ok", "size": scenario.size, "dtype": scenario.dtype} | cost
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -374,8 +374,8 @@ def _unavailable_before_loading(scenario: Scenario, device: torch.device) -> str
     steps = scenario.steps_list()
     if isinstance(steps, str):
         return None  # a preset runs as far as it can here; its record lists what did not apply
-    for name, _ in steps:
-        if (problem := step_problem(name, source=scenario.source)) is not None:
+    for name, options in steps:
+        if (problem := step_problem(name, source=scenario.source, options=options)) is not None:
             return f"{name}: {problem}"
     return None
 
@@ -396,7 +396,9 @@ def _use_samplers(pipe, scenario: Scenario) -> None:
     if not isinstance(steps, str):
         sampler = [(n, o) for n, o in steps if OPTIMIZATIONS[n].stage == SAMPLER]
         if sampler:
-            apply(pipe, sampler)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # as in _build: a mismatch warning is in the record
+                apply(pipe, sampler)
 
 
 def _free(pipe) -> None:
@@ -513,9 +515,9 @@ def measure(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(
-        total=count, desc="measuring", unit="scenario", disable=not progress or count == 0, file=sys.stderr
-    )
+    # TQDM_DISABLE (the chapter runner sets it) holds for this bar too
+    quiet = not progress or count == 0 or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
+    bar = tqdm(total=count, desc="measuring", unit="scenario", disable=quiet, file=sys.stderr)
 
     def keep(record: dict) -> None:
         entry = (record["key"], record["fingerprint"], record["device"])

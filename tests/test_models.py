@@ -89,7 +89,7 @@ def test_local_folder_round_trip(tiny, tmp_path):
 
 
 def test_missing_folder_names_the_alternatives(tmp_path):
-    with pytest.raises(labkit.SourceError, match="shapes.*twin:sd15"):
+    with pytest.raises(labkit.SourceError, match="no folder.*shapes.*twin:sd15"):
         labkit.load_pipeline(str(tmp_path / "absent"))
 
 
@@ -105,7 +105,7 @@ def test_missing_shapes_model_says_how_to_train_it(monkeypatch, tmp_path):
     import labkit.shapes
 
     monkeypatch.setattr(labkit.shapes, "MODEL_DIR", tmp_path)
-    with pytest.raises(labkit.SourceError, match="train-shapes"):
+    with pytest.raises(labkit.SourceError, match="labkit train shapes"):
         labkit.load_pipeline("shapes")
 
 
@@ -113,3 +113,51 @@ def test_cuda_on_a_machine_without_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(labkit.SourceError, match="no CUDA GPU"):
         labkit.load_pipeline("twin:tiny", device="cuda")
+    with pytest.raises(labkit.SourceError, match="unknown device .tpu.: use .cpu."):
+        labkit.load_pipeline("twin:tiny", device="tpu")
+
+
+def test_an_empty_source_is_refused():
+    with pytest.raises(labkit.SourceError, match="no model source"):
+        labkit.load_pipeline("")
+
+
+def test_a_folder_without_a_component_names_it(tiny, tmp_path):
+    import shutil
+
+    tiny.save_pretrained(tmp_path / "pipe")
+    shutil.rmtree(tmp_path / "pipe" / "unet")
+    with pytest.raises(labkit.SourceError, match="no unet/ folder"):
+        labkit.load_pipeline(str(tmp_path / "pipe"))
+
+
+def test_pickle_weights_are_refused_with_the_way_to_convert(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "pipe", safe_serialization=False)
+    with pytest.raises(labkit.SourceError, match="safetensors only.*save_pretrained"):
+        labkit.load_pipeline(str(tmp_path / "pipe"))
+
+
+def test_a_variant_folder_loads_with_variant(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "pipe", variant="fp16")
+    assert list((tmp_path / "pipe" / "unet").glob("*.fp16.safetensors"))
+    pipe = labkit.load_pipeline(str(tmp_path / "pipe"), variant="fp16")
+    assert torch.equal(next(pipe.unet.parameters()), next(tiny.unet.parameters()))
+
+
+def test_generate_gives_each_image_its_own_seed(tiny):
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    together = labkit.generate(tiny, prompts, steps=2, seed=5)
+    apart = labkit.generate(tiny, prompts, steps=2, seed=5, chunk=1)
+    np.testing.assert_allclose(together, apart, atol=1e-5)
+    second = labkit.generate(tiny, prompts[1:2], steps=2, seed=6)
+    np.testing.assert_allclose(together[1:2], second, atol=1e-5)
+
+
+def test_unet_inputs_fit_the_unet_on_meta_and_on_the_cpu(tiny):
+    for device in ("meta", "cpu"):
+        unet = tiny.unet if device == "cpu" else type(tiny.unet).from_config(tiny.unet.config).to("meta")
+        inputs = models.unet_inputs(unet, side=8, batch=2)
+        assert inputs["sample"].shape == (2, 4, 8, 8) and inputs["sample"].device.type == device
+        with torch.inference_mode():
+            out = unet(**inputs).sample
+        assert out.shape == (2, 4, 8, 8)

@@ -1,8 +1,8 @@
 """The notebook checks of CI (issue 4):
 
 1. papermill runs every chapter of ``notebooks/`` with the ``ci`` profile (into a temporary book folder);
-2. nbval (``--nbval-lax``) re-runs those executed notebooks and checks the cells marked
-   ``# NBVAL_CHECK_OUTPUT``;
+2. nbval (``--nbval-lax``) re-runs those executed notebooks, with the run's records store, and checks
+   the cells marked ``# NBVAL_CHECK_OUTPUT``;
 3. the book builds with warnings as errors, both the CI run's and the published ``book/``;
 4. every executed chapter in ``book/chapters/`` has the same code as its source (no stale pages)
    and records the device it ran on;
@@ -24,12 +24,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit import lab
+from labkit import runner
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 PUBLISHED = sorted((ROOT / "book" / "chapters").glob("*.ipynb"))
-PARAMETERS = ("profile", "device", "model", "results", "published")
+PARAMETERS = ("profile", "device", "model", "store", "published")
 DEVICE_LINE = re.compile(r"device: \S+")
 
 
@@ -88,10 +88,10 @@ def test_sources_have_a_parameters_cell(source):
 
 
 @pytest.fixture(scope="session")
-def ci_run(tmp_path_factory) -> lab.LabRun:
+def ci_run(tmp_path_factory) -> runner.LabRun:
     """Run every chapter with the ci profile into a temporary book folder, and build it."""
     out = tmp_path_factory.mktemp("ci-book")
-    return lab.run_lab(profile="ci", out=out, force=True, build=True, strict=True, root=ROOT, quiet=True)
+    return runner.run_lab(profile="ci", out=out, force=True, build=True, strict=True, root=ROOT, quiet=True)
 
 
 @pytest.mark.slow
@@ -112,11 +112,19 @@ def test_ci_book_builds_without_warnings(ci_run):
 
 
 @pytest.mark.slow
+def test_a_forced_second_run_measures_nothing_the_store_holds(ci_run):
+    again = runner.run_lab(
+        profile="ci", out=ci_run.out, chapters=["0"], force=True, build=False, root=ROOT, quiet=True
+    )
+    assert again.executed == ["00_setup_and_baseline"] and again.measured == {"00_setup_and_baseline": 0}
+
+
+@pytest.mark.slow
 def test_published_book_builds_without_warnings(tmp_path):
     """The committed book/ (whatever chapters it holds) builds offline with warnings as errors."""
     copy = tmp_path / "book"
     shutil.copytree(ROOT / "book", copy, ignore=shutil.ignore_patterns("_build"))
-    ok, index = lab.build_book(copy, strict=True)
+    ok, index = runner.build_book(copy, strict=True)
     assert ok and index.is_file()
 
 
@@ -138,9 +146,11 @@ replace: 0xADDRESS
 
 @pytest.mark.slow
 def test_nbval_on_executed_chapters(ci_run, tmp_path):
-    # a copy, so nbval's re-run appends its records to its own results/ folder
+    # a copy, with a copy of the run's records store: nbval's re-run takes every measurement from the
+    # store (nothing is measured twice) and checks that the marked outputs come out the same
     chapters = tmp_path / "chapters"
     chapters.mkdir()
+    shutil.copytree(ci_run.out / "records", tmp_path / "records")
     for source in SOURCES:
         shutil.copy2(ci_run.out / "chapters" / source.name, chapters / source.name)
     env = dict(

@@ -69,5 +69,15 @@ def test_evaluate_a_pipeline():
     assert result["images"].shape == (6, 64, 64, 3)
     assert 0.0 <= result["prompt_accuracy"] <= 1.0 and result["fid"] >= 0
     # per-image seeds: the same picture whatever the batch size
-    again = quality.generate(pipe, result["prompts"][:2], steps=4, batch_size=2)
+    again = labkit.generate(pipe, result["prompts"][:2], steps=4, guidance=quality.DEFAULT_GUIDANCE, chunk=2)
     assert quality.psnr(again, result["images"][:2]) > 40
+
+
+@pytest.mark.parametrize(
+    ("p", "n", "low", "high"), [(0.5, 100, 0.404, 0.596), (1.0, 500, 0.992, 1.0), (0.0, 8, 0.0, 0.324)]
+)
+def test_wilson_interval(p, n, low, high):
+    lo, hi = quality.wilson_interval(p, n)
+    assert lo == pytest.approx(low, abs=1e-3) and hi == pytest.approx(high, abs=1e-3)
+    with pytest.raises(ValueError):
+        quality.wilson_interval(0.5, 0)

@@ -312,12 +312,17 @@ def preset_problems(name: str, pipe=None, source: str | None = None) -> list[str
     return problems
 
 
-def step_problem(name: str, pipe=None, source: str | None = None) -> str | None:
-    """Why optimization ``name`` cannot run here (on ``source``, when given), or None; loads nothing."""
+def step_problem(name: str, pipe=None, source: str | None = None, options: dict | None = None) -> str | None:
+    """Why optimization ``name`` cannot run here (on ``source``, when given), or None; loads nothing.
+
+    A step given its own trained weights (``swap_vae`` with ``vae=``, ``distilled_student`` with
+    ``unet=``) does not need the source to ship them.
+    """
+    options = options or {}
     for need in OPTIMIZATIONS[name].needs:
         if (problem := missing(need, pipe)) is not None:
             return problem
-    if source is not None:
+    if source is not None and not (options.get("vae") is not None or options.get("unet") is not None):
         try:
             if name == "swap_vae":
                 swaps.variant_dir(source, "vae")

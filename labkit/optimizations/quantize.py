@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from labkit.optimizations.registry import QUANTIZE, Unavailable, missing, optimization
+from labkit.records import shown
 
 # ---------------------------------------------------------------------------------------------------
 # The schemes
@@ -295,7 +296,7 @@ def linear_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def qat_command(scheme: str, folder) -> str:
     """The command that trains and ships the QAT weights of ``scheme`` into ``folder``."""
-    return f"labkit train qat --scheme {scheme} --export {folder}"
+    return f"labkit train qat --scheme {scheme} --export {shown(folder)}"
 
 
 def variant_problem(folder: str | Path, unet: torch.nn.Module, scheme: str) -> str | None:
@@ -303,13 +304,13 @@ def variant_problem(folder: str | Path, unet: torch.nn.Module, scheme: str) -> s
     path = Path(folder) / VARIANT_CONFIG
     command = qat_command(scheme, folder)
     if not path.exists():
-        return f"no QAT weights in {folder}; train them with `{command}`"
+        return f"no QAT weights in {shown(folder)}; train them with `{command}`"
     entry = json.loads(path.read_text())["schemes"].get(scheme)
     if entry is None:
-        return f"no QAT weights for {scheme} in {folder}; train them with `{command}`"
+        return f"no QAT weights for {scheme} in {shown(folder)}; train them with `{command}`"
     if entry["base_fingerprint"] != unet_fingerprint(unet):
         return (
-            f"the QAT weights in {folder} were fine-tuned from another UNet (fingerprint "
+            f"the QAT weights in {shown(folder)} were fine-tuned from another UNet (fingerprint "
             f"{entry['base_fingerprint']}); the shipped model changed since: retrain with `{command}`"
         )
     return None
@@ -358,4 +359,4 @@ def load_qat_weights(pipe, scheme: str = "int8_dynamic", folder: str | Path | No
     if (problem := variant_problem(folder, pipe.unet, scheme)) is not None:
         raise Unavailable(problem)
     count = load_variant(pipe.unet, folder, scheme)
-    return f"{count} QAT-tuned linear tensors loaded from {folder}"
+    return f"{count} QAT-tuned linear tensors loaded from {shown(folder)}"

@@ -34,7 +34,11 @@ class Change:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        options = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        # a module given as an option (a student UNet) is named, not printed whole
+        options = ", ".join(
+            f"{k}=<{type(v).__name__}>" if isinstance(v, torch.nn.Module) else f"{k}={v}"
+            for k, v in self.options.items()
+        )
         name = f"{self.name}({options})" if options else self.name
         return f"{name}: {self.what}" if self.status == "applied" else f"{name}: UNAVAILABLE ({self.what})"
 
@@ -114,16 +118,20 @@ def execution_device(pipe) -> torch.device:
 
 
 def record_change(pipe, change: Change, *, replaces_stage: int | None = None) -> None:
-    """Add ``change`` to the pipeline's record of what was applied (``replaces_stage``: drop that stage's
-    earlier changes first, as a new sampler replaces the previous one)."""
-    earlier = getattr(pipe, "labkit_applied", [])
+    """Add ``change`` to the pipeline's record of what was applied (``replaces_stage``: it takes the place
+    of that stage's earlier change, as a new sampler replaces the previous one, keeping the order)."""
+    changes = list(getattr(pipe, "labkit_applied", []))
     if replaces_stage is not None:
-        earlier = [
-            c
-            for c in earlier
-            if OPTIMIZATIONS.get(c.name) is None or OPTIMIZATIONS[c.name].stage != replaces_stage
+        same = [
+            i
+            for i, c in enumerate(changes)
+            if c.name in OPTIMIZATIONS and OPTIMIZATIONS[c.name].stage == replaces_stage
         ]
-    pipe.labkit_applied = [*earlier, change]
+        if same:
+            changes[same[0]] = change
+            pipe.labkit_applied = [c for i, c in enumerate(changes) if i not in same[1:]]
+            return
+    pipe.labkit_applied = [*changes, change]
 
 
 def set_call(pipe, **settings) -> str:

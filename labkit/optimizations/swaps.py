@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from labkit.optimizations.registry import SWAP, Unavailable, optimization
+from labkit.records import shown
 
 CUTS = ("teacher", "BK-SDM-Base", "BK-SDM-Small")
 """The teacher and its two BK-SDM cuts: Base keeps the mid block, Small removes it."""
@@ -45,7 +46,7 @@ def variant_dir(source: str | None, kind: str) -> Path:
         folder = Path(VARIANTS_DIR) / kind
         if (folder / "config.json").exists():
             return folder
-        raise Unavailable(f"the shapes model has no trained {kind} variant yet (expected in {folder})")
+        raise Unavailable(f"the shapes model has no trained {kind} variant yet (expected in {shown(folder)})")
     if kind == "vae":
         raise Unavailable(
             f"{source} ships no tuned VAE: a fine-tuned VAE has the same architecture, so on a twin it "

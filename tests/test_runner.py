@@ -1,7 +1,7 @@
-"""Unit tests of labkit.lab: profiles, chapter helpers and the chapter runner.
+"""labkit.runner: the chapter runner, its book folders, its records store and its failures.
 
-Most runner tests replace papermill by a fake executor (no kernel), so they take milliseconds;
-one test runs real papermill on two trivial notebooks.
+Most tests replace papermill by a fake executor (no kernel), so they take milliseconds; one test runs
+real papermill on two trivial notebooks.
 """
 
 from __future__ import annotations
@@ -14,19 +14,20 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit import lab
+from labkit import runner
+from labkit.records import Store, read_records
 
 # --------------------------------------------------------------------------------------------------
 # A tiny project: notebooks/ with two chapters, book/ with config and one published result
 # --------------------------------------------------------------------------------------------------
 
-PARAMETERS = 'profile = "auto"\ndevice = None\nmodel = None\nresults = None\npublished = None'
+PARAMETERS = 'profile = "auto"\ndevice = None\nmodel = None\nstore = None\npublished = None'
 BODY = """\
 import json, pathlib
 print(f"device: {device or 'cpu'}")
-if results:
-    pathlib.Path(results).parent.mkdir(parents=True, exist_ok=True)
-    with open(results, "a") as f:
+if store:
+    pathlib.Path(store).mkdir(parents=True, exist_ok=True)
+    with open(pathlib.Path(store) / "cpu.generate.jsonl", "a") as f:
         f.write(json.dumps({"label": "x", "profile": profile, "published": published}) + "\\n")
 """
 
@@ -47,11 +48,11 @@ def project(tmp_path: Path) -> Path:
     nbformat.write(_chapter("Zero"), root / "notebooks" / "00_zero.ipynb")
     nbformat.write(_chapter("One"), root / "notebooks" / "01_one.ipynb")
     book = root / "book"
-    (book / "results").mkdir(parents=True)
+    (book / "records").mkdir(parents=True)
     (book / "_config.yml").write_text('title: t\nexecute:\n  execute_notebooks: "off"\n')
     (book / "_toc.yml").write_text("format: jb-book\nroot: intro\n")
     (book / "intro.md").write_text("# Intro\n")
-    (book / "results" / "01_one.jsonl").write_text(json.dumps({"label": "published"}) + "\n")
+    (book / "records" / "nvidia-h200.generate.jsonl").write_text(json.dumps({"label": "published"}) + "\n")
     return root
 
 
@@ -70,9 +71,9 @@ class FakeExecutor:
         injected.metadata["tags"] = ["injected-parameters"]
         nb.cells.insert(2, injected)
         nb.metadata["papermill"] = {"input_path": str(source), "output_path": str(output)}
-        results = (cwd / parameters["results"]).resolve()
-        with open(results, "a") as f:
-            f.write(json.dumps({"label": "partial"}) + "\n")
+        store = (cwd / parameters["store"]).resolve()
+        with open(store / "cpu.generate.jsonl", "a") as f:
+            f.write(json.dumps({"label": source.stem}) + "\n")
         nbformat.write(nb, output)
         if source.stem == self.interrupt_on:
             raise KeyboardInterrupt
@@ -80,101 +81,10 @@ class FakeExecutor:
             raise RuntimeError("boom")
 
 
-def _run(project: Path, monkeypatch, executor: FakeExecutor | None = None, **kwargs) -> lab.LabRun:
-    monkeypatch.setattr(lab, "_execute", executor or FakeExecutor())
+def _run(project: Path, monkeypatch, executor: FakeExecutor | None = None, **kwargs) -> runner.LabRun:
+    monkeypatch.setattr(runner, "_execute", executor or FakeExecutor())
     kwargs.setdefault("profile", "ci")
-    return lab.run_lab(root=project, build=False, quiet=True, **kwargs)
-
-
-# --------------------------------------------------------------------------------------------------
-# Profiles
-# --------------------------------------------------------------------------------------------------
-
-
-def test_ci_profile_is_small_and_on_the_cpu():
-    p = lab.get_profile("ci")
-    assert (p.name, p.device, p.twin, p.model) == ("ci", "cpu", "twin:tiny", "shapes")
-    assert p.size <= 64 and p.steps <= 4 and p.repeats >= 2 and not p.compile
-
-
-def test_gpu_profile_is_real_scale():
-    p = lab.get_profile("gpu")
-    assert (p.device, p.twin, p.size) == ("cuda", "twin:sd15", 512)
-    assert p.steps == 50 and p.fast_steps == 20 and p.repeats >= 3
-
-
-@pytest.mark.parametrize(
-    ("memory", "expected"), [(None, "ci"), (80.0, "gpu"), (24.0, "gpu"), (16.0, "gpu-small")]
-)
-def test_auto_picks_by_hardware(monkeypatch, memory, expected):
-    monkeypatch.setattr(lab, "_cuda_memory_gb", lambda device="cuda": memory)
-    assert lab.get_profile("auto").name == expected
-
-
-def test_auto_with_cpu_device_is_ci(monkeypatch):
-    monkeypatch.setattr(lab, "_cuda_memory_gb", lambda device="cuda": 80.0)
-    assert lab.get_profile("auto", device="cpu").name == "ci"
-
-
-def test_device_override_and_unknown_profile():
-    assert lab.get_profile("gpu", device="cuda:1").device == "cuda:1"
-    with pytest.raises(ValueError, match="unknown profile"):
-        lab.get_profile("tpu")
-
-
-def test_profile_as_dict_is_json():
-    d = lab.get_profile("gpu").as_dict()
-    assert json.loads(json.dumps(d))["batch_sizes"] == [1, 4, 16]
-
-
-# --------------------------------------------------------------------------------------------------
-# Chapter helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def test_start_chapter_names_the_device(capsys):
-    p = lab.start_chapter("ci", model="twin:sd15")
-    out = capsys.readouterr().out
-    assert "profile ci" in out and "device: cpu" in out
-    assert p.twin == "twin:sd15"
-
-
-def test_judge():
-    assert lab.judge(15, 10, 20) == "holds"
-    assert lab.judge(5, 10, 20) == "below the claim"
-    assert lab.judge(30, 10, 20) == "above the claim"
-    assert lab.judge(0.95, 1.0) == "holds"  # within the 10% tolerance
-    assert lab.judge(None, 1.0) == "not measured"
-    assert lab.judge(float("nan"), 1.0) == "not measured"
-
-
-def test_verdict_renders_as_a_box():
-    v = lab.verdict(
-        [{"claim": "fp16", "claimed": "2x", "measured": "1.1x", "verdict": "below the claim"}], device="cpu"
-    )
-    assert 'class="admonition' in v._repr_html_() and "below the claim" in v._repr_html_()
-    assert "below the claim" in repr(v)
-    assert list(v.table().columns) == ["claim", "claimed", "measured", "verdict"]
-
-
-def test_published_records_and_beside(tmp_path):
-    assert lab.load_published(None) == [] and lab.load_published(tmp_path / "missing.jsonl") == []
-    path = tmp_path / "p.jsonl"
-    path.write_text('{"label": "baseline", "s_per_image": 3.4}\n\n')
-    published = lab.load_published(path)
-    table = lab.beside_published(
-        [{"label": "baseline", "s_per_image": 9.0}], published, ["label", "s_per_image"]
-    )
-    assert table["run"].tolist() == ["this run", "published"]
-    assert table["s_per_image"].tolist() == [9.0, 3.4]
-
-
-def test_list_chapters(project):
-    assert [p.stem for p in lab.list_chapters(project)] == ["00_zero", "01_one"]
-    assert [p.stem for p in lab.list_chapters(project, ["1"])] == ["01_one"]
-    assert [p.stem for p in lab.list_chapters(project, ["01", "00_z"])] == ["00_zero", "01_one"]
-    with pytest.raises(ValueError, match="no chapter matches"):
-        lab.list_chapters(project, ["7"])
+    return runner.run_lab(root=project, build=False, quiet=True, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,20 +99,20 @@ def test_learner_run_goes_into_its_own_folder(project, monkeypatch):
     assert run.out.parent == project / "runs" and run.out.name.startswith("ci-") and host[:3] in run.out.name
     assert run.executed == ["00_zero", "01_one"] and run.ok
     assert (run.out / "chapters" / "00_zero.ipynb").is_file()
-    assert (run.out / "results" / "01_one.jsonl").is_file()
+    assert [r["label"] for r in Store(run.out / "records").records()] == ["00_zero", "01_one"]
+    assert run.measured == {"00_zero": 1, "01_one": 1}
     assert (run.out / "intro.md").is_file() and (run.out / "_config.yml").is_file()
-    # the published chapters are untouched; their results are copied to show beside ours
+    # the published chapters are untouched; their records are copied to show beside ours
     assert not (project / "book" / "chapters").exists()
-    assert (run.out / "published" / "01_one.jsonl").is_file()
+    assert (run.out / "published" / "nvidia-h200.generate.jsonl").is_file()
     params = dict(fake.calls)
-    assert params["01_one"]["published"] == "../published/01_one.jsonl"
-    assert params["00_zero"]["published"] is None  # nothing published for it
-    assert params["00_zero"]["results"] == "../results/00_zero.jsonl"
+    assert params["01_one"]["published"] == "../published"
+    assert params["00_zero"]["store"] == "../records"
     assert params["00_zero"]["profile"] == "ci"
     # absolute paths of the run are not left in the notebook
     meta = nbformat.read(run.out / "chapters" / "00_zero.ipynb", as_version=4).metadata["papermill"]
     assert meta == {"input_path": "notebooks/00_zero.ipynb", "output_path": "chapters/00_zero.ipynb"}
-    assert "00_zero" in lab.read_manifest(run.out)["chapters"]
+    assert "00_zero" in runner.read_manifest(run.out)["chapters"]
 
 
 def test_unchanged_chapters_are_skipped_unless_forced(project, monkeypatch, tmp_path):
@@ -213,8 +123,8 @@ def test_unchanged_chapters_are_skipped_unless_forced(project, monkeypatch, tmp_
 
     forced = _run(project, monkeypatch, out=out, force=True)
     assert forced.executed == ["00_zero", "01_one"]
-    # results are those of the latest execution only, not appended across runs
-    assert len((out / "results" / "00_zero.jsonl").read_text().splitlines()) == 1
+    # the store is append-only: it keeps every record (measure() looks setups up in it)
+    assert len(Store(out / "records").records()) == 4
 
     nb = nbformat.read(project / "notebooks" / "01_one.ipynb", as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell("x = 1"))
@@ -222,6 +132,9 @@ def test_unchanged_chapters_are_skipped_unless_forced(project, monkeypatch, tmp_
     edited = _run(project, monkeypatch, out=out)
     assert edited.executed == ["01_one"] and edited.skipped == ["00_zero"]
 
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the fake executor needs no GPU
     other_profile = _run(project, monkeypatch, out=out, profile="gpu")
     assert other_profile.executed == ["00_zero", "01_one"]
 
@@ -240,27 +153,29 @@ def test_chapters_whose_source_is_gone_are_removed(project, monkeypatch, tmp_pat
     assert _run(project, monkeypatch, out=out, chapters=["0"]).removed == []  # a selection prunes nothing
     run = _run(project, monkeypatch, out=out)
     assert run.removed == ["01_one"]
-    assert (
-        not (out / "chapters" / "01_one.ipynb").exists() and not (out / "results" / "01_one.jsonl").exists()
-    )
-    assert list(lab.read_manifest(out)["chapters"]) == ["00_zero"]
+    assert not (out / "chapters" / "01_one.ipynb").exists()
+    assert list(runner.read_manifest(out)["chapters"]) == ["00_zero"]
 
 
-def test_interruption_keeps_finished_chapters(project, monkeypatch, tmp_path):
+def test_interruption_keeps_finished_chapters_and_every_record(project, monkeypatch, tmp_path, capsys):
     out = tmp_path / "mine"
-    (out / "results").mkdir(parents=True)
-    (out / "results" / "01_one.jsonl").write_text('{"label": "earlier run"}\n')
     run = _run(project, monkeypatch, FakeExecutor(interrupt_on="01_one"), out=out)
     assert run.interrupted and not run.ok
     assert run.executed == ["00_zero"]
     assert (out / "chapters" / "00_zero.ipynb").is_file()
     assert not (out / "chapters" / "01_one.ipynb").exists()  # the unfinished chapter is not kept
-    assert (out / "results" / "01_one.jsonl").read_text() == '{"label": "earlier run"}\n'  # restored
-    assert list(lab.read_manifest(out)["chapters"]) == ["00_zero"]
+    assert [r["label"] for r in Store(out / "records").records()] == ["00_zero", "01_one"]  # its records are
+    assert list(runner.read_manifest(out)["chapters"]) == ["00_zero"]
     assert not (out / ".lab-tmp").exists()
 
     resumed = _run(project, monkeypatch, out=out)
     assert resumed.skipped == ["00_zero"] and resumed.executed == ["01_one"]
+
+
+def test_after_an_interrupt_under_force_the_advice_drops_force(project, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(runner, "_execute", FakeExecutor(interrupt_on="01_one"))
+    runner.run_lab(profile="ci", root=project, out=tmp_path / "o", build=False, force=True)
+    assert "the same command without --force" in capsys.readouterr().out
 
 
 def test_a_failed_chapter_keeps_its_previous_version(project, monkeypatch, tmp_path):
@@ -272,6 +187,7 @@ def test_a_failed_chapter_keeps_its_previous_version(project, monkeypatch, tmp_p
     assert (out / "chapters" / "00_zero.ipynb").read_text() == before
     assert (out / "_failed" / "00_zero.ipynb").is_file()
     assert "boom" in (out / "_failed" / "00_zero.txt").read_text()
+    assert run.measured["00_zero"] == 1  # what it measured before failing is kept
     fixed = _run(project, monkeypatch, out=out, force=True)
     assert fixed.ok and not (out / "_failed" / "00_zero.ipynb").exists()
 
@@ -281,7 +197,7 @@ def test_publish_writes_into_book(project, monkeypatch):
     run = _run(project, monkeypatch, fake, publish=True, chapters=["1"])
     assert run.out == project / "book"
     assert (project / "book" / "chapters" / "01_one.ipynb").is_file()
-    assert (project / "book" / "results" / "01_one.jsonl").read_text().count("\n") == 1  # replaced
+    assert [r["label"] for r in Store(project / "book" / "records").records()] == ["01_one", "published"]
     assert dict(fake.calls)["01_one"]["published"] is None
     assert not (project / "runs").exists()
 
@@ -295,7 +211,7 @@ def test_book_is_written_only_by_publish(project, monkeypatch):
 
 def test_lab_command_arguments(project, monkeypatch, tmp_path):
     parser = argparse.ArgumentParser()
-    lab.add_lab_arguments(parser)
+    runner.add_lab_arguments(parser)
     args = parser.parse_args(
         ["--profile", "ci", "--chapters", "0", "--force", "--no-build", "--out", str(tmp_path / "o")]
     )
@@ -307,20 +223,60 @@ def test_lab_command_arguments(project, monkeypatch, tmp_path):
         True,
     )
     monkeypatch.chdir(project)
-    monkeypatch.setattr(lab, "_execute", FakeExecutor())
-    assert lab.lab_command(args) == 0
+    monkeypatch.setattr(runner, "_execute", FakeExecutor())
+    assert runner.lab_command(args) == 0
     assert (tmp_path / "o" / "chapters" / "00_zero.ipynb").is_file()
 
 
 def test_real_papermill_run(project, tmp_path):
     """Two trivial chapters through papermill and a real kernel."""
     out = tmp_path / "real"
-    run = lab.run_lab(profile="ci", root=project, out=out, build=False, quiet=True)
+    run = runner.run_lab(profile="ci", root=project, out=out, build=False, quiet=True)
     assert run.executed == ["00_zero", "01_one"] and run.ok
     nb = nbformat.read(out / "chapters" / "01_one.ipynb", as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1 and 'profile = "ci"' in injected[0].source
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "device: cpu" in printed
-    record = json.loads((out / "results" / "01_one.jsonl").read_text())
-    assert record == {"label": "x", "profile": "ci", "published": "../published/01_one.jsonl"}
+    records = read_records(out / "records" / "cpu.generate.jsonl")
+    assert records[-1] == {"label": "x", "profile": "ci", "published": "../published"}
+
+
+def test_unknown_chapters_and_gpu_profiles_on_a_cpu_are_refused_before_any_folder(
+    project, monkeypatch, tmp_path
+):
+    import torch
+
+    with pytest.raises(ValueError, match="no chapter matches '99'"):
+        _run(project, monkeypatch, out=tmp_path / "x", chapters=["99"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="none is visible"):
+        _run(project, monkeypatch, out=tmp_path / "x", profile="gpu")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_failed_chapter_prints_its_cell_and_error(project, monkeypatch, tmp_path, capsys):
+    class Failing(FakeExecutor):
+        def __call__(self, source, output, parameters, cwd):
+            error = RuntimeError("boom")
+            error.ename, error.evalue, error.source = (
+                "ZeroDivisionError",
+                "division by zero",
+                "x = 1\ny = x / 0",
+            )
+            raise error
+
+    monkeypatch.setattr(runner, "_execute", Failing())
+    runner.run_lab(profile="ci", root=project, out=tmp_path / "o", build=False, chapters=["0"])
+    printed = capsys.readouterr()
+    assert "y = x / 0" in printed.err + printed.out
+    text = (tmp_path / "o" / "_failed" / "00_zero.txt").read_text()
+    assert "y = x / 0" in text and "ZeroDivisionError: division by zero" in text
+
+
+def test_list_chapters(project):
+    assert [p.stem for p in runner.list_chapters(project)] == ["00_zero", "01_one"]
+    assert [p.stem for p in runner.list_chapters(project, ["1"])] == ["01_one"]
+    assert [p.stem for p in runner.list_chapters(project, ["01", "00_z"])] == ["00_zero", "01_one"]
+    with pytest.raises(ValueError, match="no chapter matches"):
+        runner.list_chapters(project, ["7"])
