@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU jobs of the lab, each one command on the device machine (run from the repository root):
 #
-#   bash tools/gpu/run.sh anchors       DESIGN.md's SD 1.5 anchor table, eager configurations (~6 min on an H100)
-#   bash tools/gpu/run.sh compiled      the torch.compile rows of that table (~8 min: each compiles)
-#   bash tools/gpu/run.sh train-shapes  train the embedded shapes model (labkit.shapes.train, gpu preset, <= 10 min)
+#   bash tools/gpu/run.sh anchors       the SD 1.5 anchor configurations, eager (~6 min on an H100)
+#   bash tools/gpu/run.sh compiled      their torch.compile rows (~8 min: each compiles)
+#   bash tools/gpu/run.sh train-shapes  train the embedded shapes model (labkit train shapes, gpu preset, <= 10 min)
 #   bash tools/gpu/run.sh train-variants  the tier-3 variants on the shipped model: v-prediction (08), student (09),
 #                                       QAT (07), a few minutes each; copy $OUT/variants/* into labkit/shapes/variants/
 #   bash tools/gpu/run.sh lab [N ...]   execute chapters N ... (default: all) with the gpu profile, publish into book/
@@ -47,23 +47,20 @@ case "${1:?which job? anchors | compiled | train-shapes | train-variants | lab}"
       --label "+ fused QKV, channels_last, compiled UNet and VAE decode"
     ;;
   train-shapes)
-    python -m labkit.cli train-shapes --preset gpu --device cuda --out "$OUT/shapes-gpu" 2>&1 | tee "$OUT/train.log"
+    python -m labkit.cli train shapes --preset gpu --device cuda --out "$OUT/shapes-gpu" 2>&1 | tee "$OUT/train.log"
     ;;
   train-variants)
     V="$OUT/variants"; mkdir -p "$V"
-    python -m labkit.cli train-shapes --preset gpu --device cuda --stages unet --vae-from labkit/shapes/model \
-      --prediction-type v_prediction --beta-schedule squaredcos_cap_v2 --rescale-zero-snr --out "$OUT/vpred-gpu" \
+    python -m labkit.cli train vpred --preset gpu --device cuda --out "$OUT/vpred-gpu" --export "$V/vpred" \
       2>&1 | tee "$OUT/vpred.log"
-    python -m labkit.schedulers ship "$OUT/vpred-gpu/model" 2>&1 | tee -a "$OUT/vpred.log"
-    cp -r labkit/shapes/variants/vpred "$V/"  # ship writes into the package; bring it back under $OUT
-    python -m labkit.shapes.distill --preset gpu --device cuda --out "$OUT/student-gpu" --export "$V/student" \
+    python -m labkit.cli train student --preset gpu --device cuda --out "$OUT/student-gpu" --export "$V/student" \
       2>&1 | tee "$OUT/student.log"
-    python -m labkit.shapes.qat --preset gpu --device cuda --out "$OUT/qat-gpu" --export "$V/qat" 2>&1 | tee "$OUT/qat.log"
+    python -m labkit.cli train qat --preset gpu --device cuda --out "$OUT/qat-gpu" --export "$V/qat" 2>&1 | tee "$OUT/qat.log"
     ;;
   lab)
     shift
     python -m labkit.cli lab --profile gpu --publish --force --no-build ${1:+--chapters "$@"} 2>&1 | tee "$OUT/lab.log"
-    tar -czf "$OUT/book-executed.tar.gz" book/chapters book/results book/lab-manifest.json
+    tar -czf "$OUT/book-executed.tar.gz" book/chapters book/records book/lab-manifest.json
     ;;
   *) echo "unknown job $1" >&2; exit 2 ;;
 esac
