@@ -30,8 +30,9 @@ lint: setup
 	$(BIN)/ruff check labkit tests notebooks
 	$(BIN)/ruff format --check labkit tests notebooks
 
+# two workers: the chapters (one group, on one worker) beside the unit tests (on the other)
 unit: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test: lint unit
 

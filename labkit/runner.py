@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,10 @@ class LabRun:
     removed: list[str] = dataclasses.field(default_factory=list)
     """Executed chapters removed because their source is gone (only when all chapters run)."""
     measured: dict[str, int] = dataclasses.field(default_factory=dict)
-    """Records each executed chapter added to the store (0: everything came from the store)."""
+    """Records each executed chapter added to the store (0: everything came from the store); counted
+    per chapter when chapters run one at a time."""
+    added: int | None = None
+    """Records the whole run added, when chapters ran side by side."""
     interrupted: bool = False
     html: Path | None = None
     """``index.html`` of the built book, when it was built."""
@@ -174,10 +178,15 @@ def prepare_book(root: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def _kernel_environment(root: Path) -> Iterator[None]:
-    """Environment for chapter kernels: labkit importable, no progress bars, offline hub."""
+def _kernel_environment(root: Path, jobs: int = 1) -> Iterator[None]:
+    """Environment for chapter kernels: labkit importable, no progress bars, offline hub; with several
+    chapters side by side, the CPU cores shared among them (each kernel's torch gets its share)."""
     saved = dict(os.environ)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [saved.get("PYTHONPATH")])])
+    if jobs > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = threads
     os.environ["TQDM_DISABLE"] = "1"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
@@ -228,6 +237,7 @@ def run_lab(
     model: str | None = None,
     root: str | os.PathLike | None = None,
     quiet: bool = False,
+    jobs: int = 1,
 ) -> LabRun:
     """Execute the chapters with papermill for one profile and build the book.
 
@@ -239,6 +249,8 @@ def run_lab(
       the published book (``book/chapters``, ``book/records``) instead.
     - ``build``: build the HTML with ``jupyter-book build`` afterwards; ``strict`` treats warnings as errors.
     - ``device`` / ``model``: override the profile's device / twin (passed to each chapter).
+    - ``jobs``: chapters executed side by side (each kernel gets its share of the CPU cores); the
+      records of each chapter are then counted for the run as a whole (``LabRun.added``).
 
     Everything is checked before any chapter runs (``ValueError`` names the problem). Each finished
     chapter is moved into place at once and recorded in the manifest, and each record is in the store
@@ -246,6 +258,8 @@ def run_lab(
     that fails leaves its previous executed version in place, its failed notebook in ``_failed/`` and
     its error on the console; the other chapters still run.
     """
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a whole number >= 1, not {jobs!r}")
     root = find_root(root)
     prof = get_profile(profile, device=device)
     if model:
@@ -278,30 +292,42 @@ def run_lab(
 
     from tqdm import tqdm
 
-    bar = tqdm(sources, desc="chapters", unit="chapter", disable=quiet or not sources, file=sys.stderr)
+    bar = tqdm(
+        total=len(sources), desc="chapters", unit="chapter", disable=quiet or not sources, file=sys.stderr
+    )
     tmp = target / _TMP_DIR
     store = target / RECORDS_DIR
     try:
-        with _kernel_environment(root):
-            for source in bar:
-                stem = source.stem
-                bar.set_postfix_str(stem)
+        with _kernel_environment(root, jobs):
+            todo = []
+            for source in sources:
                 key = chapter_key(source, prof, overrides)
-                executed = target / CHAPTERS_DIR / source.name
-                entry = manifest["chapters"].get(stem, {})
-                if not force and entry.get("key") == key and executed.is_file():
-                    run.skipped.append(stem)
-                    _write(bar, quiet, f"{stem}: unchanged since {entry.get('finished', '?')}, skipped")
-                    continue
-                before = _count_records(store)
-                seconds, error = _run_chapter(root, source, target, prof, device, model, publish, tmp)
-                added = _count_records(store) - before
-                run.measured[stem] = added
+                entry = manifest["chapters"].get(source.stem, {})
+                if not force and entry.get("key") == key and (target / CHAPTERS_DIR / source.name).is_file():
+                    run.skipped.append(source.stem)
+                    bar.update(1)
+                    _write(
+                        bar, quiet, f"{source.stem}: unchanged since {entry.get('finished', '?')}, skipped"
+                    )
+                else:
+                    todo.append((source, key))
+
+            def finished(
+                source: Path, key: str, seconds: float | None, error: str, added: int | None
+            ) -> None:
+                stem = source.stem
+                bar.update(1)
+                counted = "" if added is None else f", {added} new records"
+                if added is not None:
+                    run.measured[stem] = added
                 if seconds is None:
                     run.failed.append(stem)
-                    _write(bar, quiet, f"{stem}: FAILED ({added} new records kept); the notebook: "
-                           f"{target / FAILED_DIR / source.name}\n{error}")  # fmt: skip
-                    continue
+                    _write(
+                        bar,
+                        quiet,
+                        f"{stem}: FAILED{counted}; the notebook: {target / FAILED_DIR / source.name}\n{error}",
+                    )
+                    return
                 manifest["chapters"][stem] = {
                     "key": key,
                     "profile": prof.name,
@@ -312,7 +338,29 @@ def run_lab(
                 }
                 _write_json_atomic(target / MANIFEST, manifest)
                 run.executed.append(stem)
-                _write(bar, quiet, f"{stem}: executed in {seconds:.1f} s, {added} new records")
+                _write(bar, quiet, f"{stem}: executed in {seconds:.1f} s{counted}")
+
+            def execute(source: Path) -> tuple[float | None, str]:
+                return _run_chapter(root, source, target, prof, device, model, publish, tmp)
+
+            if jobs == 1:
+                for source, key in todo:
+                    bar.set_postfix_str(source.stem)
+                    before = _count_records(store)
+                    seconds, error = execute(source)
+                    finished(source, key, seconds, error, _count_records(store) - before)
+            else:  # chapters side by side; records are appended under a lock, so none is lost
+                before = _count_records(store)
+                with ThreadPoolExecutor(jobs) as pool:
+                    futures = {pool.submit(execute, source): (source, key) for source, key in todo}
+                    try:
+                        for future in as_completed(futures):
+                            finished(*futures[future], *future.result(), None)
+                    except KeyboardInterrupt:
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        raise
+                run.added = _count_records(store) - before
+            run.executed.sort()
     except KeyboardInterrupt:
         run.interrupted = True
         again = "the same command without --force" if force else "the same command"
@@ -484,6 +532,13 @@ def add_lab_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-build", action="store_true", help="do not build the HTML")
     parser.add_argument("--no-strict", action="store_true", help="do not treat book build warnings as errors")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="chapters executed side by side (default 1; CPU cores are shared)",
+    )
 
 
 def lab_command(args: argparse.Namespace) -> int:
@@ -499,6 +554,7 @@ def lab_command(args: argparse.Namespace) -> int:
             strict=not getattr(args, "no_strict", False),
             device=getattr(args, "device", None),
             model=getattr(args, "model", None),
+            jobs=getattr(args, "jobs", 1),
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"labkit lab: {exc}", file=sys.stderr)
@@ -509,7 +565,7 @@ def lab_command(args: argparse.Namespace) -> int:
     print(
         f"profile {run.profile.name} on {run.profile.device}: {len(run.executed)} executed, "
         f"{len(run.skipped)} unchanged, {len(run.failed)} failed; "
-        f"{sum(run.measured.values())} new records -> {run.out}"
+        f"{sum(run.measured.values()) if run.added is None else run.added} new records -> {run.out}"
     )
     if run.html is not None and run.html.exists():
         print(f"open {run.html.as_uri()}")

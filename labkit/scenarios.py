@@ -61,7 +61,8 @@ class Scenario:
     """One measurement, as data. Everything but ``label`` and ``notes`` is its setup, and makes its key.
 
     ``optimizations`` is a preset name or a list of steps (names, ``"name:key=value"`` or
-    ``(name, options)``); ``options`` holds what a kind needs beyond the common fields (a UNet config
+    ``(name, options)``); if any of them cannot run here, the record is ``unavailable`` with the reason
+    (to run a preset as far as a device allows, list the steps that can: `labkit.book.adapt_preset`); ``options`` holds what a kind needs beyond the common fields (a UNet config
     for ``unet_cost``, a reference scenario's setup for a quality PSNR). ``notes`` are copied into the
     record as they are (a sampler's display name, the steps a profile left out and why).
     """
@@ -373,7 +374,7 @@ def _unavailable_before_loading(scenario: Scenario, device: torch.device) -> str
         return problem
     steps = scenario.steps_list()
     if isinstance(steps, str):
-        return None  # a preset runs as far as it can here; its record lists what did not apply
+        steps = check_steps(steps)
     for name, options in steps:
         if (problem := step_problem(name, source=scenario.source, options=options)) is not None:
             return f"{name}: {problem}"
@@ -437,7 +438,7 @@ def _measure_one(scenario: Scenario, pipe, device: torch.device, fp: str) -> dic
     entry = MEASURERS[scenario.kind]
     if pipe is not None:
         missing = [c for c in pipe.labkit_applied if c.status != "applied"]
-        if missing and not isinstance(scenario.optimizations, str):
+        if missing:  # an optimization asked for and not applied: nothing here would be what was asked
             reason = "; ".join(f"{c.name}: {c.what}" for c in missing)
             return _finish(describe(pipe) | {"status": "unavailable", "reason": reason}, scenario, fp, device)
     try:

@@ -141,3 +141,14 @@ def test_evaluate_scores_a_sampler_and_refuses_unknown_ones(capsys, tmp_path):
     assert read_records(next(tmp_path.glob("*.quality.jsonl")))[0]["n"] == 4
     assert main(["evaluate", "--sampler", "DPM:20"]) == 2
     assert "DPM++ 2M" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU cannot run")
+def test_a_preset_runs_as_far_as_it_can_and_says_what_it_left_out(tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    assert main(["bench", *FAST, "--preset", "tier1", "--out", str(out)]) == 0
+    (record,) = read_records(out)
+    assert record["label"] == "tier1 (without swap_vae)" and record["status"] == "ok"
+    assert record["preset"] == "tier1" and record["unavailable"][0].startswith("swap_vae: ")
+    assert record["guidance"] == 7.5 and record["dtype"] == "float16"  # the preset's own settings
+    assert "tier1 (without swap_vae)" in capsys.readouterr().out

@@ -26,6 +26,10 @@ import pytest
 
 from labkit import runner
 
+# with `pytest -n 2 --dist loadgroup` (what `make test` runs) these tests share one worker, and one run
+# of the chapters, while the unit tests run on the other
+pytestmark = pytest.mark.xdist_group("notebooks")
+
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 PUBLISHED = sorted((ROOT / "book" / "chapters").glob("*.ipynb"))
@@ -91,7 +95,10 @@ def test_sources_have_a_parameters_cell(source):
 def ci_run(tmp_path_factory) -> runner.LabRun:
     """Run every chapter with the ci profile into a temporary book folder, and build it."""
     out = tmp_path_factory.mktemp("ci-book")
-    return runner.run_lab(profile="ci", out=out, force=True, build=True, strict=True, root=ROOT, quiet=True)
+    # two chapters side by side: the 2-core CI machine finishes the book in about two thirds of the time
+    return runner.run_lab(
+        profile="ci", out=out, force=True, build=True, strict=True, root=ROOT, quiet=True, jobs=2
+    )
 
 
 @pytest.mark.slow
@@ -156,12 +163,12 @@ def test_nbval_on_executed_chapters(ci_run, tmp_path):
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     )
-    env.update(TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    env.update(TQDM_DISABLE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     sanitize = tmp_path / "sanitize.cfg"
     sanitize.write_text(NBVAL_SANITIZE)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-sanitize-with", str(sanitize),
-         "-p", "no:cacheprovider", "-q", "--rootdir", str(tmp_path),
+         "-p", "no:cacheprovider", "-q", "--rootdir", str(tmp_path), "-n", "2", "--dist", "loadfile",
          *sorted(str(p) for p in chapters.glob("*.ipynb"))],
         cwd=tmp_path, env=env, capture_output=True, text=True,
     )  # fmt: skip

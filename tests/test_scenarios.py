@@ -184,3 +184,9 @@ def test_grid_is_every_configuration_at_every_size_cap_and_batch():
     work = grid({"a": ("fp16",), "b": ()}, source="twin:tiny", sizes=[64, 128], batches=[1, 2], steps=2)
     assert len(work) == 8 and {s.label for s in work} == {"a", "b"}
     assert {(s.size, s.batch) for s in work} == {(64, 1), (64, 2), (128, 1), (128, 2)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU cannot run")
+def test_a_preset_with_a_step_that_cannot_run_is_unavailable_never_ok():
+    (record,) = measure([fast(optimizations="tier1", label="tier1")], say=None)
+    assert record["status"] == "unavailable" and record["reason"].startswith("swap_vae: ")
